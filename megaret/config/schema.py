@@ -1,0 +1,457 @@
+"""Typed configuration schema for megaret.
+
+One dataclass per YAML section, gathered in :class:`Config`. Each section checks its own fields
+(choices, positive sizes) in ``__post_init__``; :meth:`Config.validate` checks the rules that tie
+sections together (divisibility by the parallel layout, chunking, batch sizes). Every failure is a
+:class:`ConfigError` whose message is a single line naming the dotted key and how to fix it.
+
+YAML loading, dotted overrides and type checking live in :mod:`megaret.config.loader`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, mistyped or inconsistent (one-line message)."""
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0] if n > 0 else []
+
+
+def _next_multiple(value: int, base: int) -> int:
+    return ((value + base - 1) // base) * base
+
+
+def _fmt(values: list[int]) -> str:
+    return ", ".join(str(v) for v in values)
+
+
+class _Section:
+    """Mixin with the per-field checks shared by all sections."""
+
+    _section: ClassVar[str] = ""
+    _choices: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    def _key(self, name: str) -> str:
+        return f"{self._section}.{name}"
+
+    def _check_choices(self) -> None:
+        for name, allowed in self._choices.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ConfigError(f"{self._key(name)}: {value!r} is not one of {', '.join(allowed)}")
+
+    def _positive(self, *names: str) -> None:
+        """Each named field must be > 0 (None is allowed for optional fields)."""
+        for name in names:
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"{self._key(name)}={value} must be > 0")
+
+    def _non_negative(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise ConfigError(f"{self._key(name)}={value} must be >= 0")
+
+
+# --------------------------------------------------------------------------------------------
+# sections
+
+
+@dataclass
+class ModelConfig(_Section):
+    """Network shape and numerics."""
+
+    _section: ClassVar[str] = "model"
+    _choices: ClassVar[dict[str, tuple[str, ...]]] = {
+        "arch": ("retnet", "transformer", "sliding", "brt"),
+        "ffn_type": ("gelu", "swiglu"),
+        "retention_mode": ("parallel", "chunk", "recurrent"),
+        "decay_schedule": ("retnet", "loglinear"),
+        "norm_type": ("layernorm", "rmsnorm"),
+    }
+
+    arch: str = "retnet"  # only retnet is built today; the others are reserved names
+    vocab_size: int = 32000
+    hidden_size: int = 2048
+    num_layers: int = 24
+    num_heads: int = 8
+    ffn_hidden_size: int = 4096
+    ffn_type: str = "gelu"
+    value_factor: int = 2  # value / gate width = value_factor * hidden_size
+    chunk_size: int = 256  # chunk length of the chunkwise retention form
+    retention_mode: str = "chunk"
+    decay_schedule: str = "retnet"
+    rotary_base: float = 10000.0
+    norm_eps: float = 1e-6
+    dropout: float = 0.0
+    init_std: float = 0.02
+    tie_embeddings: bool = False
+    norm_type: str = "layernorm"
+
+    def __post_init__(self) -> None:
+        self._check_choices()
+        self._positive(
+            "vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size", "value_factor",
+            "chunk_size", "rotary_base", "norm_eps", "init_std",
+        )  # fmt: skip
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
+
+    @property
+    def head_dim(self) -> int:
+        """Query/key width of one head."""
+        return self.hidden_size // self.num_heads
+
+
+@dataclass
+class ParallelConfig(_Section):
+    """Megatron parallel layout and DeepSpeed ZeRO stage."""
+
+    _section: ClassVar[str] = "parallel"
+
+    tensor: int = 1  # tensor-parallel size
+    pipeline: int = 1  # pipeline stages
+    virtual_pipeline: int | None = None  # model chunks per stage (interleaved schedule)
+    zero_stage: int = 1  # DeepSpeed ZeRO stage, 0..3
+    sequence_parallel: bool = False  # Megatron sequence parallelism (needs tensor > 1)
+
+    def __post_init__(self) -> None:
+        self._positive("tensor", "pipeline", "virtual_pipeline")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"parallel.zero_stage={self.zero_stage} is not one of 0, 1, 2, 3")
+        if self.sequence_parallel and self.tensor <= 1:
+            raise ConfigError(
+                "parallel.sequence_parallel=true requires parallel.tensor > 1; "
+                "set parallel.tensor to 2 or more or parallel.sequence_parallel=false"
+            )
+        if self.virtual_pipeline is not None and self.virtual_pipeline > 1 and self.pipeline <= 1:
+            raise ConfigError(
+                f"parallel.virtual_pipeline={self.virtual_pipeline} needs parallel.pipeline > 1; "
+                "set parallel.pipeline to 2 or more or parallel.virtual_pipeline=null"
+            )
+        if self.zero_stage >= 2 and self.pipeline > 1:
+            raise ConfigError(
+                f"parallel.zero_stage={self.zero_stage} cannot run under a pipeline schedule "
+                f"(parallel.pipeline={self.pipeline}): DeepSpeed ZeRO-2/3 reduce gradients inside each "
+                "micro-batch; use parallel.zero_stage=1 or parallel.pipeline=1"
+            )
+
+    @property
+    def model_parallel_size(self) -> int:
+        """Processes holding one replica of the model (tensor * pipeline)."""
+        return self.tensor * self.pipeline
+
+
+@dataclass
+class DataConfig(_Section):
+    """Training corpus and tokenization."""
+
+    _section: ClassVar[str] = "data"
+    _choices: ClassVar[dict[str, tuple[str, ...]]] = {"on_corrupt": ("error", "skip")}
+
+    seq_length: int = 2048
+    paths: list[str] = field(default_factory=list)  # empty: the embedded default corpus
+    weights: list[float] | None = None  # sampling weight per path (same length as paths)
+    tokenizer: str | None = None  # None: the default tokenizer
+    num_workers: int = 2  # DataLoader workers per rank (0 = load in the main process)
+    on_corrupt: str = "error"  # what to do with an unreadable shard / sample
+    reset_at_doc_boundaries: bool = False  # reset the recurrent state at document boundaries
+
+    def __post_init__(self) -> None:
+        self._check_choices()
+        self._positive("seq_length")
+        self._non_negative("num_workers")
+        if self.weights is not None:
+            if len(self.weights) != len(self.paths):
+                raise ConfigError(
+                    f"data.weights has {len(self.weights)} entries but data.paths has {len(self.paths)}; "
+                    "give one weight per path or set data.weights=null"
+                )
+            if any(w < 0 for w in self.weights) or (self.weights and sum(self.weights) <= 0):
+                raise ConfigError(f"data.weights={self.weights} must be non-negative with a positive sum")
+
+
+@dataclass
+class OptimizerConfig(_Section):
+    """AdamW and the learning-rate schedule."""
+
+    _section: ClassVar[str] = "optimizer"
+    _choices: ClassVar[dict[str, tuple[str, ...]]] = {
+        "decay_style": ("polynomial", "cosine", "linear", "constant"),
+    }
+
+    lr: float = 6e-4  # peak learning rate
+    min_lr: float = 0.0  # floor of the decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    warmup_steps: int = 375
+    decay_style: str = "polynomial"
+    clip_grad: float = 2.0  # global gradient-norm clip (0 disables)
+
+    def __post_init__(self) -> None:
+        self._check_choices()
+        self._positive("lr", "eps")
+        self._non_negative("min_lr", "weight_decay", "warmup_steps", "clip_grad")
+        if self.min_lr > self.lr:
+            raise ConfigError(
+                f"optimizer.min_lr={self.min_lr} is above optimizer.lr={self.lr}; lower optimizer.min_lr"
+            )
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optimizer.betas={self.betas} must be two numbers in [0, 1), e.g. [0.9, 0.98]")
+
+
+@dataclass
+class TrainConfig(_Section):
+    """Length of the run, batch sizes, precision."""
+
+    _section: ClassVar[str] = "train"
+    _choices: ClassVar[dict[str, tuple[str, ...]]] = {"precision": ("fp32", "bf16")}
+
+    steps: int = 25000  # optimizer steps
+    seed: int = 1234
+    micro_batch_size: int = 1  # sequences per rank per forward/backward
+    global_batch_size: int = 8  # sequences per optimizer step, over all data-parallel ranks
+    precision: str = "bf16"
+    log_interval: int = 10
+    eval_interval: int = 1000
+    eval_steps: int = 10  # 0 skips evaluation
+    recompute: bool = False  # activation recomputation
+
+    def __post_init__(self) -> None:
+        self._check_choices()
+        self._positive("steps", "micro_batch_size", "global_batch_size", "log_interval", "eval_interval")
+        self._non_negative("seed", "eval_steps")
+
+
+@dataclass
+class CheckpointConfig(_Section):
+    """When to save and which checkpoints to keep."""
+
+    _section: ClassVar[str] = "checkpoint"
+
+    interval: int = 1000  # steps between saves
+    keep_last: int = 3  # most recent checkpoints kept
+    keep_every: int | None = None  # also keep every checkpoint whose step is a multiple of this
+    resume: bool = True  # resume from the newest checkpoint in run.dir when there is one
+
+    def __post_init__(self) -> None:
+        self._positive("interval", "keep_last", "keep_every")
+
+
+@dataclass
+class LoggingConfig(_Section):
+    """Metric sinks and profiling."""
+
+    _section: ClassVar[str] = "logging"
+
+    tensorboard: bool = True
+    profile: bool = False
+
+
+@dataclass
+class LaunchConfig(_Section):
+    """SLURM allocation (used by the launcher, ignored by the trainer)."""
+
+    _section: ClassVar[str] = "launch"
+
+    nodes: int = 1
+    gpus_per_node: int = 8
+    tasks_per_node: int | None = None  # None: one task per GPU (= gpus_per_node)
+    cpus_per_task: int = 8
+    mem_gb: int | None = None  # None: the partition's default
+    time_min: int = 240  # wall-clock limit in minutes
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    extra_sbatch: dict[str, str] = field(default_factory=dict)  # option -> value ("" for a bare flag)
+
+    def __post_init__(self) -> None:
+        self._positive("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem_gb", "time_min")
+
+    @property
+    def resolved_tasks_per_node(self) -> int:
+        return self.tasks_per_node if self.tasks_per_node is not None else self.gpus_per_node
+
+    @property
+    def world_size(self) -> int:
+        """Processes the allocation starts (nodes * tasks per node)."""
+        return self.nodes * self.resolved_tasks_per_node
+
+
+@dataclass
+class RunConfig(_Section):
+    """Where the run writes checkpoints, logs and its resolved config."""
+
+    _section: ClassVar[str] = "run"
+
+    dir: str = "runs/default"
+    name: str | None = None  # None: the last component of run.dir
+
+    def __post_init__(self) -> None:
+        if not self.dir.strip():
+            raise ConfigError("run.dir is empty; set run.dir to a directory, e.g. runs/my-run")
+
+
+# --------------------------------------------------------------------------------------------
+# the whole config
+
+
+@dataclass
+class Config:
+    """The complete, validated configuration of one run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- cross-field rules -------------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Re-run every check (sections and cross-field); call again after mutating fields."""
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            post_init = getattr(section, "__post_init__", None)
+            if post_init is not None:
+                post_init()
+        self._validate_model_shape()
+        self._validate_parallel_layout()
+        self._validate_batch()
+
+    def _validate_model_shape(self) -> None:
+        m = self.model
+        if m.hidden_size % m.num_heads:
+            raise ConfigError(
+                f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}; "
+                f"choose model.num_heads from {_fmt(_divisors(m.hidden_size))}"
+            )
+        if m.head_dim % 2:
+            raise ConfigError(
+                f"model.hidden_size/model.num_heads={m.head_dim} must be even (rotary embeddings rotate "
+                "pairs of channels); change model.num_heads or model.hidden_size"
+            )
+        uses_chunks = (m.arch == "retnet" and m.retention_mode == "chunk") or m.arch == "brt"
+        seq = self.data.seq_length
+        if uses_chunks and seq % m.chunk_size:
+            raise ConfigError(
+                f"data.seq_length={seq} is not a multiple of model.chunk_size={m.chunk_size}; "
+                f"set data.seq_length to a multiple (e.g. {_next_multiple(seq, m.chunk_size)}) "
+                "or change model.chunk_size"
+            )
+
+    def _validate_parallel_layout(self) -> None:
+        m, p = self.model, self.parallel
+        tp = p.tensor
+        if m.num_heads % tp:
+            raise ConfigError(
+                f"model.num_heads={m.num_heads} is not divisible by parallel.tensor={tp}; "
+                f"choose parallel.tensor from {_fmt(_divisors(m.num_heads))}"
+            )
+        for name in ("vocab_size", "ffn_hidden_size"):
+            value = getattr(m, name)
+            if value % tp:
+                raise ConfigError(
+                    f"model.{name}={value} is not divisible by parallel.tensor={tp}; "
+                    f"set model.{name} to a multiple of {tp} (e.g. {_next_multiple(value, tp)}) "
+                    "or change parallel.tensor"
+                )
+        if p.sequence_parallel and self.data.seq_length % tp:
+            raise ConfigError(
+                f"data.seq_length={self.data.seq_length} is not divisible by parallel.tensor={tp} as "
+                "sequence parallelism needs; change data.seq_length or set parallel.sequence_parallel=false"
+            )
+        vp = p.virtual_pipeline or 1
+        stages = p.pipeline * vp
+        if m.num_layers % stages:
+            if vp > 1:
+                what = f"parallel.pipeline*parallel.virtual_pipeline={p.pipeline}*{vp}={stages}"
+                fix = "choose parallel.pipeline*parallel.virtual_pipeline from"
+            else:
+                what = f"parallel.pipeline={p.pipeline}"
+                fix = "choose parallel.pipeline from"
+            raise ConfigError(
+                f"model.num_layers={m.num_layers} is not divisible by {what}; "
+                f"{fix} {_fmt(_divisors(m.num_layers))}"
+            )
+
+    def _validate_batch(self) -> None:
+        t = self.train
+        if t.global_batch_size % t.micro_batch_size:
+            raise ConfigError(
+                f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                f"train.micro_batch_size={t.micro_batch_size}; set train.global_batch_size to a multiple "
+                f"(e.g. {_next_multiple(t.global_batch_size, t.micro_batch_size)}) "
+                "or change train.micro_batch_size"
+            )
+
+    def validate_world(self, world_size: int) -> int:
+        """Check the layout against ``world_size`` processes and return the data-parallel size."""
+        p, t = self.parallel, self.train
+        mp = p.model_parallel_size
+        if world_size <= 0:
+            raise ConfigError(f"world size {world_size} must be > 0")
+        if world_size % mp:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by parallel.tensor*parallel.pipeline="
+                f"{p.tensor}*{p.pipeline}={mp}; launch a multiple of {mp} processes or change "
+                "parallel.tensor / parallel.pipeline"
+            )
+        dp = world_size // mp
+        per_step = t.micro_batch_size * dp
+        if t.global_batch_size % per_step:
+            raise ConfigError(
+                f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                f"train.micro_batch_size*data-parallel size={t.micro_batch_size}*{dp}={per_step} "
+                f"(world {world_size} = tensor {p.tensor} x pipeline {p.pipeline} x data {dp}); "
+                f"set train.global_batch_size to a multiple of {per_step} "
+                f"(e.g. {_next_multiple(t.global_batch_size, per_step)})"
+            )
+        return dp
+
+    # -- conversion --------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain nested dict (section -> key -> value), safe for ``yaml.safe_dump``."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        """Build and validate a Config from a nested mapping (types are checked)."""
+        from megaret.config.loader import config_from_dict
+
+        return config_from_dict(data)
+
+
+#: section name -> section class, in YAML order
+SECTIONS: dict[str, type[_Section]] = {
+    "model": ModelConfig,
+    "parallel": ParallelConfig,
+    "data": DataConfig,
+    "optimizer": OptimizerConfig,
+    "train": TrainConfig,
+    "checkpoint": CheckpointConfig,
+    "logging": LoggingConfig,
+    "launch": LaunchConfig,
+    "run": RunConfig,
+}

@@ -1,0 +1,100 @@
+"""Multi-scale retention (MSR) on megatron-core tensor-parallel linears.
+
+    Y = GroupNorm_h(Retention(X W_Q, X W_K, X W_V)),  MSR(X) = (swish(X W_G) * Y) W_O
+
+Each TP rank holds H / tp whole heads; their decays come from the GLOBAL head index, so a
+TP=4 run computes exactly what a TP=1 run does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer import TransformerConfig
+from torch import nn
+
+from megaret.models.norms import head_norm
+from megaret.models.parallel_linear import column, row
+from megaret.models.rotary import Rotary
+from megaret.ops import (
+    chunk_retention,
+    parallel_retention,
+    recurrent_retention,
+    retention_step,
+    retnet_log_decay,
+)
+from megaret.parallel.context import TensorParallel
+
+RETENTION_MODES = ("parallel", "chunk", "recurrent")
+
+
+class MultiScaleRetention(nn.Module):
+    def __init__(
+        self,
+        hidden: int,
+        num_heads: int,
+        value_factor: int,
+        config: TransformerConfig,
+        tp: TensorParallel,
+        *,
+        chunk_size: int,
+        decay_schedule: str = "retnet",
+        rotary_base: float = 10000.0,
+        norm_eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        if num_heads % tp.size:
+            raise ValueError(f"model.num_heads={num_heads} is not divisible by parallel.tensor={tp.size}")
+        self.local_heads = num_heads // tp.size
+        self.key_dim = hidden // num_heads
+        self.value_dim = value_factor * hidden // num_heads
+        self.chunk_size = chunk_size
+        self.norm_eps = norm_eps
+        self.q_proj = column(hidden, hidden, config, tp)
+        self.k_proj = column(hidden, hidden, config, tp)
+        self.v_proj = column(hidden, value_factor * hidden, config, tp)
+        self.g_proj = column(hidden, value_factor * hidden, config, tp)
+        self.out_proj = row(value_factor * hidden, hidden, config, tp)
+        self.rotary = Rotary(self.key_dim, rotary_base)
+        log_decay = retnet_log_decay(
+            num_heads, head_offset=tp.rank * self.local_heads, num_local_heads=self.local_heads,
+            schedule=decay_schedule,
+        )
+        self.register_buffer("log_decay", log_decay, persistent=False)  # (H_local,)
+
+    def _heads(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        t, b = x.shape[:2]
+        return x.view(t, b, self.local_heads, dim).transpose(0, 1)  # (B, T, H_local, dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: torch.Tensor | None = None,
+        position: int = 0,
+        mode: str = "chunk",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (T, B, d); state: (B, H_local, Dk, Dv) or None -> ((T, B, d), new state)."""
+        q = self._heads(self.q_proj(x)[0], self.key_dim)  # (B, T, H, Dk)
+        k = self._heads(self.k_proj(x)[0], self.key_dim)  # (B, T, H, Dk)
+        v = self._heads(self.v_proj(x)[0], self.value_dim)  # (B, T, H, Dv)
+        q = self.rotary(q, position)
+        k = self.rotary(k, position) * self.key_dim**-0.5
+        log_decay = self.log_decay.to(q.dtype) if q.dtype == torch.float64 else self.log_decay
+        if mode == "parallel":
+            o, new_state = parallel_retention(q, k, v, log_decay, state)
+        elif mode == "chunk":
+            o, new_state = chunk_retention(q, k, v, log_decay, state, chunk_size=self.chunk_size)
+        elif mode == "recurrent":
+            if q.shape[1] == 1:  # one decoding step: O(1) in the context length
+                o, new_state = retention_step(q[:, 0], k[:, 0], v[:, 0], log_decay, state)
+                o = o[:, None]
+            else:
+                o, new_state = recurrent_retention(q, k, v, log_decay, state)
+        else:
+            raise ValueError(f"model.retention_mode: unknown {mode!r}; use one of {RETENTION_MODES}")
+        y = head_norm(o, self.norm_eps)  # (B, T, H, Dv)
+        t, b = x.shape[:2]
+        y = y.transpose(0, 1).reshape(t, b, self.local_heads * self.value_dim)  # (T, B, H*Dv)
+        gate, _ = self.g_proj(x)  # (T, B, H*Dv)
+        out, _ = self.out_proj(F.silu(gate) * y.to(gate.dtype))  # (T, B, d), all-reduced
+        return out, new_state

@@ -1,0 +1,133 @@
+"""The parallel context: built once at start, then passed down explicitly.
+
+It owns torch.distributed initialisation and megatron-core's parallel_state (whose
+schedules and cross-entropy read it), and hands the model the groups it needs. Model code
+never reads process groups from globals: it receives a `TensorParallel` view.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from megaret.parallel.cpu_adapters import apply_cpu_adapters, seed_tensor_parallel_rng
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    """What a tensor-parallel module needs to know: its group, size and rank."""
+
+    group: dist.ProcessGroup | None
+    size: int
+    rank: int
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    """Ranks and process groups of one process in a TP x PP x DP layout."""
+
+    world_size: int
+    rank: int
+    local_rank: int
+    device: torch.device
+    backend: str
+    tp: TensorParallel
+    pp_size: int
+    pp_rank: int
+    pp_group: dist.ProcessGroup | None
+    dp_size: int
+    dp_rank: int
+    dp_group: dist.ProcessGroup | None
+    virtual_pipeline: int | None = None
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(backend: str | None = None, timeout_min: int = 30) -> None:
+    """Initialise torch.distributed from env:// (torchrun style); a lone process gets a world of 1."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:  # a plain `python ...` run: a world of one
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_min))
+
+
+def build_parallel_context(
+    tensor: int = 1,
+    pipeline: int = 1,
+    virtual_pipeline: int | None = None,
+    seed: int = 1234,
+    backend: str | None = None,
+) -> ParallelContext:
+    """Initialise distributed state for a TP x PP x DP layout and return the context."""
+    from megatron.core import parallel_state as ps
+
+    init_distributed(backend)
+    world = dist.get_world_size()
+    if world % (tensor * pipeline) != 0:
+        raise ValueError(
+            f"world size {world} is not divisible by parallel.tensor*parallel.pipeline="
+            f"{tensor}*{pipeline}; launch a multiple of {tensor * pipeline} processes or change the layout"
+        )
+    apply_cpu_adapters()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=tensor,
+        pipeline_model_parallel_size=pipeline,
+        virtual_pipeline_model_parallel_size=virtual_pipeline,
+        create_gloo_process_groups=False,
+    )
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    seed_tensor_parallel_rng(seed, tp_rank)
+    return ParallelContext(
+        world_size=world,
+        rank=dist.get_rank(),
+        local_rank=local_rank,
+        device=device,
+        backend=dist.get_backend(),
+        tp=TensorParallel(ps.get_tensor_model_parallel_group(), tensor, tp_rank),
+        pp_size=pipeline,
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        pp_group=ps.get_pipeline_model_parallel_group(),
+        dp_size=ps.get_data_parallel_world_size(),
+        dp_rank=ps.get_data_parallel_rank(),
+        dp_group=ps.get_data_parallel_group(),
+        virtual_pipeline=virtual_pipeline,
+    )
+
+
+def destroy_parallel_context() -> None:
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
