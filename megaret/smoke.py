@@ -33,7 +33,9 @@ def bigram_batch(vocab: int, batch: int, seq: int, gen: torch.Generator) -> tupl
 
 
 def main(argv: list[str] | None = None) -> float:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", required=True, help="a YAML under configs/")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.num_layers=4")
     args = parser.parse_args(argv)
@@ -55,7 +57,9 @@ def main(argv: list[str] | None = None) -> float:
     loss_value = float("nan")
     t0 = time.time()
     for step in range(1, cfg.train.steps + 1):
-        tokens, labels = bigram_batch(cfg.model.vocab_size, cfg.train.micro_batch_size, cfg.data.seq_length, gen)
+        tokens, labels = bigram_batch(
+            cfg.model.vocab_size, cfg.train.micro_batch_size, cfg.data.seq_length, gen
+        )
         out = model(tokens.to(ctx.device), labels.to(ctx.device))
         loss = out.loss.mean()
         opt.zero_grad(set_to_none=True)

@@ -8,6 +8,7 @@ skip is a failure, so CI never passes by skipping. GPU tests skip without CUDA, 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,12 +19,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> None:
-    pass
-
-
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):  # noqa: F811
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     outcome = yield
     report = outcome.get_result()
     strict = os.environ.get("MEGARET_STRICT_SKIPS") == "1"
@@ -40,11 +37,17 @@ def ctx1():
     return build_parallel_context(1, 1, seed=1234)
 
 
-def run_distributed(script: str, nproc: int, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Launch tests/distributed/<script> on `nproc` CPU ranks with torchrun; raise with its output on failure."""
+def run_distributed(
+    script: str, nproc: int, *args: str, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """Launch tests/distributed/<script> on `nproc` CPU ranks (torchrun); fail with its output."""
+    with socket.socket() as s:  # torchrun's --master_port 0 hangs on gloo: pick a free port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-        "--master_port", "0", str(REPO / "tests" / "distributed" / script), *args,
+        "--master_addr", "127.0.0.1", "--master_port", str(port),
+        str(REPO / "tests" / "distributed" / script), *args,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)

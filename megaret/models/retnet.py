@@ -22,7 +22,7 @@ from torch import nn
 from megaret.config import ModelConfig
 from megaret.models.ffn import FeedForward
 from megaret.models.norms import build_norm
-from megaret.models.retention_layer import RETENTION_MODES, MultiScaleRetention
+from megaret.models.retention_layer import MultiScaleRetention
 from megaret.parallel.context import TensorParallel
 
 
@@ -74,8 +74,6 @@ class RetNet(nn.Module):
 
     def __init__(self, cfg: ModelConfig, config: TransformerConfig, tp: TensorParallel) -> None:
         super().__init__()
-        if cfg.retention_mode not in RETENTION_MODES:
-            raise ValueError(f"model.retention_mode: unknown {cfg.retention_mode!r}; use one of {RETENTION_MODES}")
         self.cfg = cfg
         self.config = config  # megatron-core schedules read model.config
         self.tp = tp

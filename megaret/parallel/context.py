@@ -64,13 +64,16 @@ def init_distributed(backend: str | None = None, timeout_min: int = 30) -> None:
     """Initialise torch.distributed from env:// (torchrun style); a lone process gets a world of 1."""
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ:  # a plain `python ...` run: a world of one
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_min))
+    timeout = timedelta(minutes=timeout_min)
+    if "RANK" not in os.environ:
+        # A plain `python ...` run: a world of one on a free local port. The environment is
+        # left alone so that child processes (tests, launchers) don't inherit a stale rank.
+        dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                rank=0, world_size=1, timeout=timeout)
+    else:
+        dist.init_process_group(backend=backend, timeout=timeout)
 
 
 def build_parallel_context(

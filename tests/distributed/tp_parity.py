@@ -43,12 +43,14 @@ def grad_norm(model: RetNet, ctx) -> float:
 
 
 def run(tp: int, mode: str, ffn: str):
-    cfg = load_config("configs/tiny.yaml", [f"parallel.tensor={tp}", f"model.ffn_type={ffn}",
-                                            "model.num_heads=4", "model.vocab_size=128", "model.chunk_size=8"])
+    overrides = [f"parallel.tensor={tp}", f"model.ffn_type={ffn}", "model.num_heads=4",
+                 "model.vocab_size=128", "model.chunk_size=8"]
+    cfg = load_config("configs/tiny.yaml", overrides)
     ctx = build_parallel_context(tp, 1, seed=cfg.train.seed)
     torch.manual_seed(11)
     model = RetNet(cfg.model, megatron_config(cfg.model, cfg.parallel), ctx.tp)
-    missing = [n for n, p in model.named_parameters() if p.dim() == 2 and not getattr(p, "tensor_model_parallel", False)]
+    missing = [n for n, p in model.named_parameters()
+               if p.dim() == 2 and not getattr(p, "tensor_model_parallel", False)]
     assert not missing, f"weights without the tensor_model_parallel attribute: {missing}"
     gen = torch.Generator().manual_seed(5)
     x = torch.randint(128, (2, 24), generator=gen)
