@@ -1,4 +1,6 @@
-"""Launched by tests/test_tp_parity.py on 4 CPU ranks: RetNet at TP=2 and TP=4 equals TP=1.
+"""Launched by tests/test_tp_parity.py on CPU ranks: RetNet at TP=2 (and TP=4) equals TP=1.
+
+Arguments: the TP sizes to check (default 2 4; the world size must be a multiple of each).
 
 For each TP size the same seed builds the same full model (megatron's CPU initialisation
 slices one master weight), runs the same batch forward and backward, and the full-vocabulary
@@ -67,10 +69,11 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def main() -> None:
+    tp_sizes = [int(a) for a in sys.argv[1:]] or [2, 4]
     results = {}
     for mode, ffn in (("chunk", "gelu"), ("parallel", "swiglu")):
         ref_logits, ref_grads, ref_norm, _ = run(1, mode, ffn)
-        for tp in (2, 4):
+        for tp in tp_sizes:
             logits, grads, norm, ctx = run(tp, mode, ffn)
             assert grads.keys() == ref_grads.keys()
             worst_grad = max(rel(grads[n], ref_grads[n]) for n in ref_grads)
