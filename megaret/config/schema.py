@@ -79,9 +79,10 @@ class ModelConfig(_Section):
         "retention_mode": ("parallel", "chunk", "recurrent"),
         "decay_schedule": ("retnet", "loglinear"),
         "norm_type": ("layernorm", "rmsnorm"),
+        "gate_type": ("fixed", "lstm"),
     }
 
-    arch: str = "retnet"  # only retnet is built today; the others are reserved names
+    arch: str = "retnet"  # retnet | transformer (causal) | sliding (block-windowed) | brt
     vocab_size: int = 32000
     hidden_size: int = 2048
     num_layers: int = 24
@@ -98,13 +99,33 @@ class ModelConfig(_Section):
     init_std: float = 0.02
     tie_embeddings: bool = False
     norm_type: str = "layernorm"
+    # sliding / brt: block length W; attention sees the previous block and the causal current one
+    block_size: int = 512
+    # brt only: the recurrent cell (data.seq_length is the segment, a multiple of block_size)
+    num_states: int = 512  # state vectors S carried from block to block
+    recurrent_layers: list[int] = field(default_factory=lambda: [-3])  # layer indices; negative from the end
+    gate_type: str = "fixed"  # fixed | lstm gate on the state path
+    state_skip: bool = True  # True: no MLP on the state path (Rec:fixed:skip)
 
     def __post_init__(self) -> None:
         self._check_choices()
         self._positive(
             "vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size", "value_factor",
-            "chunk_size", "rotary_base", "norm_eps", "init_std",
+            "chunk_size", "rotary_base", "norm_eps", "init_std", "block_size", "num_states",
         )  # fmt: skip
+        if self.arch == "brt":
+            bad = [i for i in self.recurrent_layers if not -self.num_layers <= i < self.num_layers]
+            if bad or not self.recurrent_layers:
+                raise ConfigError(
+                    f"model.recurrent_layers={self.recurrent_layers} must be a non-empty list of layer "
+                    f"indices in [-{self.num_layers}, {self.num_layers - 1}] "
+                    f"(model.num_layers={self.num_layers})"
+                )
+            if len(set(self.recurrent_layer_indices)) != len(self.recurrent_layers):
+                raise ConfigError(
+                    f"model.recurrent_layers={self.recurrent_layers} names the same layer twice "
+                    f"(model.num_layers={self.num_layers})"
+                )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
 
@@ -112,6 +133,11 @@ class ModelConfig(_Section):
     def head_dim(self) -> int:
         """Query/key width of one head."""
         return self.hidden_size // self.num_heads
+
+    @property
+    def recurrent_layer_indices(self) -> list[int]:
+        """model.recurrent_layers as sorted non-negative indices."""
+        return sorted(i % self.num_layers for i in self.recurrent_layers)
 
 
 @dataclass
@@ -158,7 +184,11 @@ class DataConfig(_Section):
     """Training corpus and tokenization."""
 
     _section: ClassVar[str] = "data"
-    _choices: ClassVar[dict[str, tuple[str, ...]]] = {"on_corrupt": ("error", "skip")}
+    _choices: ClassVar[dict[str, tuple[str, ...]]] = {
+        "on_corrupt": ("error", "skip"),
+        "packing": ("packed", "segments"),
+        "default_corpus": ("small", "full"),
+    }
 
     seq_length: int = 2048
     paths: list[str] = field(default_factory=list)  # empty: the embedded default corpus
@@ -167,6 +197,9 @@ class DataConfig(_Section):
     num_workers: int = 2  # DataLoader workers per rank (0 = load in the main process)
     on_corrupt: str = "error"  # what to do with an unreadable shard / sample
     reset_at_doc_boundaries: bool = False  # reset the recurrent state at document boundaries
+    packing: str = "packed"  # packed: docs joined by <eos>; segments: document-ordered slots (stateful)
+    default_corpus: str = "small"  # size of the embedded corpus built when data.paths is empty
+    cache_dir: str | None = None  # default-corpus shards and fetched remote shards (None: ~/.cache/megaret/data)
 
     def __post_init__(self) -> None:
         self._check_choices()
@@ -228,10 +261,12 @@ class TrainConfig(_Section):
     eval_interval: int = 1000
     eval_steps: int = 10  # 0 skips evaluation
     recompute: bool = False  # activation recomputation
+    max_consecutive_skips: int = 5  # stop after this many steps in a row with a NaN/inf loss or grad
 
     def __post_init__(self) -> None:
         self._check_choices()
-        self._positive("steps", "micro_batch_size", "global_batch_size", "log_interval", "eval_interval")
+        self._positive("steps", "micro_batch_size", "global_batch_size", "log_interval", "eval_interval",
+                       "max_consecutive_skips")
         self._non_negative("seed", "eval_steps")
 
 
@@ -351,13 +386,19 @@ class Config:
                 f"model.hidden_size/model.num_heads={m.head_dim} must be even (rotary embeddings rotate "
                 "pairs of channels); change model.num_heads or model.hidden_size"
             )
-        uses_chunks = (m.arch == "retnet" and m.retention_mode == "chunk") or m.arch == "brt"
+        uses_chunks = m.arch == "retnet" and m.retention_mode == "chunk"
         seq = self.data.seq_length
         if uses_chunks and seq % m.chunk_size:
             raise ConfigError(
                 f"data.seq_length={seq} is not a multiple of model.chunk_size={m.chunk_size}; "
                 f"set data.seq_length to a multiple (e.g. {_next_multiple(seq, m.chunk_size)}) "
                 "or change model.chunk_size"
+            )
+        if m.arch in ("sliding", "brt") and seq % m.block_size:
+            raise ConfigError(
+                f"data.seq_length={seq} (the segment) is not a multiple of model.block_size={m.block_size}; "
+                f"set data.seq_length to a multiple (e.g. {_next_multiple(seq, m.block_size)}) "
+                "or change model.block_size"
             )
 
     def _validate_parallel_layout(self) -> None:

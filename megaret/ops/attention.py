@@ -1,0 +1,139 @@
+"""Causal and block-windowed attention: masks, a naive reference and SDPA paths.
+
+Layout: q, k, v are (B, H, T, D), as `scaled_dot_product_attention` wants them.
+
+The window is block-aligned, as in the Block-Recurrent Transformer: with block size W, a
+query at absolute position p sees key position s when
+
+    s <= p  and  s // W >= p // W - 1,
+
+i.e. the whole previous block and the causal part of its own block (W to 2W - 1 keys).
+Aligning the window to blocks is what lets a segment be processed block by block with only
+the previous block cached, and lets training batch every block into one SDPA call.
+
+Keys carried from an earlier call arrive as a cache with a per-sample validity mask, so a
+batch slot that starts a new document can drop its history without touching the others.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """(Tq,), (Tk,) absolute positions -> (Tq, Tk) bool, True where the query may see the key."""
+    mask = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        mask &= torch.div(k_pos, window, rounding_mode="floor")[None, :] >= (
+            torch.div(q_pos, window, rounding_mode="floor")[:, None] - 1
+        )
+    return mask
+
+
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                    scale: float | None = None) -> torch.Tensor:
+    """Reference: softmax(scale q k^T + mask) v with an explicit softmax (for tests).
+
+    q: (B, H, Tq, D), k/v: (B, H, Tk, D), mask broadcastable to (B, H, Tq, Tk), True = attend.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.einsum("bhqd,bhkd->bhqk", q, k) * scale  # (B, H, Tq, Tk)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.einsum("bhqk,bhkd->bhqd", scores.softmax(-1), v)
+
+
+def cached_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    position: int,
+    window: int | None,
+    cache_k: torch.Tensor | None = None,
+    cache_v: torch.Tensor | None = None,
+    cache_valid: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """General causal (optionally windowed) attention of new tokens over [cache; new].
+
+    q, k, v: (B, H, T, D) for the T tokens at absolute positions position .. position+T-1;
+    cache_k/v: (B, H, L, D) for the L tokens just before them; cache_valid: (B, L) bool.
+    Used for decoding and for calls that are not block-aligned; costs O(T (L + T)).
+    """
+    t = q.shape[2]
+    if cache_k is None or cache_k.shape[2] == 0:
+        if window is None or t <= window and position % window == 0:
+            # Plain causal attention: SDPA can use its flash kernel.
+            return F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, scale=scale)
+        cache_len = 0
+        keys, values, key_valid = k, v, None
+    else:
+        cache_len = cache_k.shape[2]
+        keys = torch.cat([cache_k, k], dim=2)  # (B, H, L + T, D)
+        values = torch.cat([cache_v, v], dim=2)
+        key_valid = None
+        if cache_valid is not None and not bool(cache_valid.all()):
+            new_valid = torch.ones(q.shape[0], t, dtype=torch.bool, device=q.device)
+            key_valid = torch.cat([cache_valid, new_valid], dim=1)  # (B, L + T)
+    q_pos = torch.arange(position, position + t, device=q.device)
+    k_pos = torch.arange(position - cache_len, position + t, device=q.device)
+    mask = visible(q_pos, k_pos, window)[None, None]  # (1, 1, T, L + T)
+    if key_valid is not None:
+        mask = mask & key_valid[:, None, None, :]  # (B, 1, T, L + T)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+
+
+def blockwise_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    prev_k: torch.Tensor | None = None,
+    prev_v: torch.Tensor | None = None,
+    prev_valid: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Block-windowed causal attention for a block-aligned segment, every block in one SDPA call.
+
+    q, k, v: (B, H, T, D) with T a multiple of W = window, the segment starting on a block
+    boundary; prev_k/v: (B, H, W, D), the block before the segment (None: there is none);
+    prev_valid: (B,) bool, False where a sample's previous block must be ignored. Each
+    block attends to [previous block; itself]: O(T * 2W) instead of O(T^2).
+    """
+    b, h, t, d = q.shape
+    w = window
+    if t % w:
+        raise ValueError(f"segment length {t} is not a multiple of the block size {w}")
+    n = t // w
+    qb = q.view(b, h, n, w, d)  # (B, H, n, W, D)
+    kb, vb = k.view(b, h, n, w, d), v.view(b, h, n, w, d)
+    if prev_k is None:
+        prev_k, prev_v = torch.zeros_like(kb[:, :, :1]), torch.zeros_like(vb[:, :, :1])
+        prev_valid = torch.zeros(b, dtype=torch.bool, device=q.device)
+    else:
+        prev_k, prev_v = prev_k[:, :, None], prev_v[:, :, None]  # (B, H, 1, W, D)
+        if prev_valid is None:
+            prev_valid = torch.ones(b, dtype=torch.bool, device=q.device)
+    keys = torch.cat([torch.cat([prev_k, kb[:, :, :-1]], dim=2), kb], dim=3)  # (B, H, n, 2W, D)
+    values = torch.cat([torch.cat([prev_v, vb[:, :, :-1]], dim=2), vb], dim=3)
+    causal = torch.ones(w, w, dtype=torch.bool, device=q.device).tril()  # (W, W)
+    # previous-block part: visible for every block but the first, whose previous block is the cache
+    prev_vis = torch.ones(b, n, dtype=torch.bool, device=q.device)  # (B, n)
+    prev_vis[:, 0] = prev_valid
+    prev_part = prev_vis[:, :, None, None].expand(b, n, w, w)  # (B, n, W, W)
+    mask = torch.cat([prev_part, causal.expand(b, n, w, w)], dim=-1)[:, None]  # (B, 1, n, W, 2W)
+    out = F.scaled_dot_product_attention(qb, keys, values, attn_mask=mask, scale=scale)
+    return out.reshape(b, h, t, d)
+
+
+def trim_cache(keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, end: int,
+               window: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep what the next token at position `end` can still see: with a window, the keys from
+    the start of the previous block on; without one, everything. keys/values: (B, H, L, D)
+    ending just before `end`; valid: (B, L)."""
+    if window is None:
+        return keys, values, valid
+    start = max(0, (end // window - 1) * window)
+    keep = min(keys.shape[2], end - start)
+    return keys[:, :, -keep:], values[:, :, -keep:], valid[:, -keep:]

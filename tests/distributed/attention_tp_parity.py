@@ -1,0 +1,94 @@
+"""Launched by tests/test_attention_tp_parity.py on 4 CPU ranks: the Transformer, the
+sliding-window Transformer and the BRT (both gates, with and without the state MLP) at TP=2
+and TP=4 equal TP=1.
+
+For each TP size the same seed builds the same full model (megatron's CPU initialisation
+slices one master weight; replicated parameters come from the same default generator), runs
+two segments (the second continuing from the first's state, so caches and recurrent state are
+exercised) forward and backward, and the full-vocabulary logits and every parameter gradient
+(TP shards gathered along their partition dim) are compared with TP=1. Rank 0 prints one line
+`RESULT {json}`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from megaret.config import load_config
+from megaret.models.factory import build_model
+from megaret.parallel.context import build_parallel_context, destroy_parallel_context
+from megaret.parallel.megatron_config import megatron_config
+
+VARIANTS = {
+    "transformer": ("configs/transformer-tiny.yaml", []),
+    "sliding": ("configs/sliding-tiny.yaml", ["model.ffn_type=swiglu"]),
+    "brt-fixed-skip": ("configs/brt-tiny.yaml", []),
+    "brt-lstm-mlp": ("configs/brt-tiny.yaml", ["model.gate_type=lstm", "model.state_skip=false",
+                                                "model.ffn_type=swiglu"]),
+}
+REPLICATED_2D = ("state_ids", "initial_state")  # (S, d) per-state tables, the same on every rank
+
+
+def full_grads(model: torch.nn.Module, ctx) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in model.named_parameters():
+        g = p.grad.detach()
+        if getattr(p, "tensor_model_parallel", False) and ctx.tp.size > 1:
+            parts = [torch.empty_like(g) for _ in range(ctx.tp.size)]
+            dist.all_gather(parts, g.contiguous(), group=ctx.tp.group)
+            g = torch.cat(parts, dim=p.partition_dim)
+        out[name] = g
+    return out
+
+
+def run(tp: int, path: str, extra: list[str]):
+    overrides = [f"parallel.tensor={tp}", "model.num_heads=4", "model.vocab_size=128", "data.seq_length=32",
+                 *extra]
+    cfg = load_config(path, overrides)
+    ctx = build_parallel_context(tp, 1, seed=cfg.train.seed)
+    torch.manual_seed(11)
+    model = build_model(cfg.model, megatron_config(cfg.model, cfg.parallel), ctx.tp)
+    missing = [n for n, p in model.named_parameters()
+               if p.dim() == 2 and not getattr(p, "tensor_model_parallel", False)
+               and not n.endswith(REPLICATED_2D)]
+    assert not missing, f"weights without the tensor_model_parallel attribute: {missing}"
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randint(128, (2, 64), generator=gen)
+    y = torch.randint(128, (2, 64), generator=gen)
+    first = model(x[:, :32], y[:, :32])
+    second = model(x[:, 32:], y[:, 32:], state=first.state, reset=torch.tensor([False, True]))
+    w = torch.rand(2, 64, generator=gen)
+    (torch.cat([first.loss, second.loss], dim=1) * w).sum().backward()
+    logits = torch.cat([model.gather_logits(o.logits).detach() for o in (first, second)], dim=1)
+    return logits, full_grads(model, ctx)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def main() -> None:
+    results = {}
+    for name, (path, extra) in VARIANTS.items():
+        ref_logits, ref_grads = run(1, path, extra)
+        for tp in (2, 4):
+            logits, grads = run(tp, path, extra)
+            assert grads.keys() == ref_grads.keys()
+            worst = max(ref_grads, key=lambda n: rel(grads[n], ref_grads[n]))
+            results[f"{name}/tp{tp}"] = {
+                "logits_rel": rel(logits, ref_logits),
+                "grad_rel_max": rel(grads[worst], ref_grads[worst]),
+                "worst_param": worst,
+                "num_params": len(ref_grads),
+            }
+    if dist.get_rank() == 0:
+        print("RESULT " + json.dumps(results), flush=True)
+    destroy_parallel_context()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
