@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) -m megaret.smoke --config configs/tiny.yaml train.steps=100 train.log_interval=10
+	$(PY) -m megaret.train --config configs/tiny.yaml train.steps=300 train.log_interval=25
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

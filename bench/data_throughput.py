@@ -5,7 +5,7 @@
 Measures (on the embedded default corpus, small mode unless --full):
   * tokenizer encode tokens/s (tiktoken with the trained merges, 2 threads),
   * loader tokens/s with --workers DataLoader workers (steady state, first batch excluded),
-  * training consumption tokens/s of one optimizer step of the config's model (as in megaret.smoke),
+  * training consumption tokens/s of one optimizer step of the config's model (as in megaret.train),
 and the headroom = loader / consumption (goal >= 20). Prints a JSON object, then a last line of
 name=value pairs.
 """

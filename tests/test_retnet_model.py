@@ -107,14 +107,14 @@ def test_wrong_state_length_is_a_clear_error(ctx1):
 
 
 def test_loss_falls_on_a_learnable_task(ctx1):
-    from megaret.smoke import bigram_batch
+    from megaret.train.batches import SyntheticBatches
 
     model = build(ctx1, "model.vocab_size=32").train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(0)
+    batches = SyntheticBatches(vocab=32, seq_length=32, global_batch=4, dp_size=1, dp_rank=0, seed=0)
     losses = []
-    for _ in range(30):
-        x, y = bigram_batch(32, 4, 32, gen)
+    for step in range(30):
+        x, y = batches.next_batch(step)
         loss = model(x, y).loss.mean()
         opt.zero_grad()
         loss.backward()

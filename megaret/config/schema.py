@@ -188,6 +188,7 @@ class DataConfig(_Section):
         "on_corrupt": ("error", "skip"),
         "packing": ("packed", "segments"),
         "default_corpus": ("small", "full"),
+        "source": ("shards", "synthetic"),
     }
 
     seq_length: int = 2048
@@ -199,7 +200,9 @@ class DataConfig(_Section):
     reset_at_doc_boundaries: bool = False  # reset the recurrent state at document boundaries
     packing: str = "packed"  # packed: docs joined by <eos>; segments: document-ordered slots (stateful)
     default_corpus: str = "small"  # size of the embedded corpus built when data.paths is empty
-    cache_dir: str | None = None  # default-corpus shards and fetched remote shards (None: ~/.cache/megaret/data)
+    # default-corpus shards and fetched remote shards (None: ~/.cache/megaret/data)
+    cache_dir: str | None = None
+    source: str = "shards"  # shards: the WebDataset shards above; synthetic: a toy bigram task (tests)
 
     def __post_init__(self) -> None:
         self._check_choices()
@@ -312,9 +315,11 @@ class LaunchConfig(_Section):
     qos: str | None = None
     constraint: str | None = None
     extra_sbatch: dict[str, str] = field(default_factory=dict)  # option -> value ("" for a bare flag)
+    gpu_mem_gb: float = 80.0  # memory of one GPU: the launcher refuses a plan that would not fit
 
     def __post_init__(self) -> None:
-        self._positive("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem_gb", "time_min")
+        self._positive("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem_gb", "time_min",
+                       "gpu_mem_gb")
 
     @property
     def resolved_tasks_per_node(self) -> int:

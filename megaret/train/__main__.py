@@ -1,0 +1,42 @@
+"""Train a RetNet: python -m megaret.train --config configs/tiny.yaml [section.key=value ...]
+
+Under torchrun every rank runs this; the layout comes from parallel.* and the world size.
+Writes run.dir/config.yaml (the resolved config) and run.dir/tensorboard/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megaret.config import ConfigError, load_config
+from megaret.parallel.context import destroy_parallel_context
+from megaret.train.trainer import Trainer, TrainingError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", required=True, help="a YAML under configs/ (or a run dir)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    trainer = Trainer(cfg)
+    try:
+        trainer.train()
+    except TrainingError as exc:
+        print(f"training stopped: {exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        trainer.close()
+        destroy_parallel_context()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

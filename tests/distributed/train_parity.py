@@ -1,0 +1,191 @@
+"""Launched by tests/test_train.py: the trainer at parallel layouts equals the one-process run.
+
+    train_parity.py reference OUT RUN_DIR      (1 rank)  one-process runs, saved to OUT
+    train_parity.py layouts REF SPEC [SPEC...]           each SPEC "tp,pp,vp,zero" on this world
+
+`reference` trains the base config with the trainer at world 1 and also (independently of
+DeepSpeed and megatron's schedules) with a plain torch loop; it checks gradient accumulation
+(4 micro-batches == one 4x larger micro-batch) and saves losses and final full parameters.
+`layouts` trains each layout for the same steps and compares with the saved run; it also
+checks ZeRO sharding of optimizer state, injects a NaN (the step is skipped and counted, the
+run goes on) and checks that too many consecutive bad steps stop the run. Rank 0 prints one
+line `RESULT {json}`; the pytest side asserts on it.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from megaret.config import load_config
+from megaret.models.retnet import RetNet
+from megaret.parallel.megatron_config import megatron_config
+from megaret.train.batches import SyntheticBatches
+from megaret.train.engine import _param_groups
+from megaret.train.schedule import learning_rate
+from megaret.train.trainer import Trainer, TrainingError
+
+BASE = [
+    "model.num_layers=4", "model.vocab_size=128", "model.chunk_size=16", "data.seq_length=32",
+    "train.steps=10", "train.micro_batch_size=1", "train.global_batch_size=8", "train.log_interval=100",
+    "optimizer.warmup_steps=3", "optimizer.clip_grad=1.0", "optimizer.decay_style=cosine",
+    "optimizer.min_lr=3.0e-4", "logging.tensorboard=false", "data.source=synthetic",
+]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def norm_rel(a: dict, b: dict) -> float:
+    """Global relative difference ||a - b|| / ||b|| over all parameters."""
+    num = sum((a[k].double() - b[k].double()).pow(2).sum() for k in b)
+    return (num / sum(b[k].double().pow(2).sum() for k in b)).sqrt().item()
+
+
+def compare(losses, params, ref_losses, ref_params) -> dict:
+    assert params.keys() == ref_params.keys(), sorted(set(params) ^ set(ref_params))
+    return {
+        "loss_rel": max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses, strict=True)),
+        "param_rel_norm": norm_rel(params, ref_params),
+        "param_rel_max": max(rel(params[k], ref_params[k]) for k in ref_params),  # worst tensor, max-abs
+    }
+
+
+def run_trainer(overrides: list[str]):
+    cfg = load_config("configs/tiny.yaml", [*BASE, *overrides])
+    trainer = Trainer(cfg)
+    init = trainer.full_parameters()
+    results = trainer.train()
+    params = trainer.full_parameters()
+    trainer.close()
+    return trainer, [r.loss for r in results], params, init, results
+
+
+def plain_torch(cfg, tp) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """The same training written directly: full model, torch AdamW, clip_grad_norm_, no DeepSpeed."""
+    torch.manual_seed(cfg.train.seed)
+    model = RetNet(cfg.model, megatron_config(cfg.model, cfg.parallel), tp)
+    o = cfg.optimizer
+    opt = torch.optim.AdamW(_param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    data = SyntheticBatches(cfg.model.vocab_size, cfg.data.seq_length, cfg.train.global_batch_size, 1, 0,
+                            cfg.train.seed)
+    losses = []
+    for step in range(1, cfg.train.steps + 1):
+        for g in opt.param_groups:
+            g["lr"] = learning_rate(step, o, cfg.train.steps)
+        x, y = data.next_batch(step)
+        opt.zero_grad()
+        total = 0.0
+        mb = cfg.train.micro_batch_size
+        n = x.shape[0] // mb
+        for xm, ym in zip(x.split(mb), y.split(mb), strict=True):
+            loss = model(xm, ym).loss.mean() / n
+            loss.backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
+        opt.step()
+        losses.append(total)
+    return losses, {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def reference(out: str, run_dir: str) -> dict:
+    trainer, losses, params, init, results = run_trainer(
+        [f"run.dir={run_dir}", "logging.tensorboard=true", "train.log_interval=5"])
+    ref = {"losses": losses, "params": params, "init": init, "grad_norms": [r.grad_norm for r in results]}
+    torch.save(ref, out)
+    plain_losses, plain_params = plain_torch(trainer.cfg, trainer.ctx.tp)
+    report = {"plain_torch": compare(losses, params, plain_losses, plain_params),
+              "initial_loss": losses[0], "final_loss": losses[-1], "moved_norm": norm_rel(params, init)}
+    # gradient accumulation: 4 micro-batches of 2 == 1 micro-batch of 8
+    _, acc_losses, acc_params, _, _ = run_trainer(["train.micro_batch_size=2"])
+    _, big_losses, big_params, _, _ = run_trainer(["train.micro_batch_size=8"])
+    report["accumulation_4x2_vs_1x8"] = compare(acc_losses, acc_params, big_losses, big_params)
+    return report
+
+
+def optimizer_state_numel(engine) -> int:
+    return sum(t.numel() for s in engine.optimizer.optimizer.state.values() for t in s.values()
+               if torch.is_tensor(t) and t.dim() > 0)
+
+
+def layouts(ref_path: str, specs: list[str]) -> dict:
+    ref = torch.load(ref_path)
+    report = {}
+    for spec in specs:
+        tp, pp, vp, zero = (int(v) for v in spec.split(","))
+        overrides = [f"parallel.tensor={tp}", f"parallel.pipeline={pp}", f"parallel.zero_stage={zero}",
+                     f"parallel.virtual_pipeline={vp if vp > 1 else 'null'}"]
+        trainer, losses, params, init, _ = run_trainer(overrides)
+        ctx = trainer.ctx
+        key = f"tp{tp}-pp{pp}-vp{vp}-dp{ctx.dp_size}-zero{zero}"
+        entry = compare(losses, params, ref["losses"], ref["params"])
+        entry["chunks"] = len(trainer.chunks)
+        entry["init_rel"] = max(rel(init[k], ref["init"][k]) for k in ref["init"])
+        local = sum(p.numel() for c in trainer.chunks for p in c.parameters())
+        entry["adam_state_per_local_param"] = optimizer_state_numel(trainer.engine) / (2 * local)
+        report[key] = entry
+        del trainer
+        gc.collect()
+    return report
+
+
+def nan_checks(zero: int) -> dict:
+    """DP=2 on this 2-rank world: a NaN on one rank's step 4 is skipped, counted, and the run goes on."""
+    cfg = load_config("configs/tiny.yaml", [*BASE, f"parallel.zero_stage={zero}", "train.steps=6"])
+    trainer = Trainer(cfg)
+    bad_steps: set[int] = {4}
+
+    def poison(module, args, output):
+        return output * float("nan") if trainer.step in bad_steps and dist.get_rank() == 0 else output
+
+    trainer.chunks[0].embedding.register_forward_hook(poison)
+    results, before_bad = [], None
+    for _ in range(cfg.train.steps):
+        if trainer.step + 1 == 4:
+            before_bad = trainer.full_parameters()
+        results.append(trainer.train_step())
+        if trainer.step == 4:
+            after_bad = trainer.full_parameters()
+    out = {
+        "skipped": [r.skipped for r in results],
+        "losses": [r.loss for r in results],
+        "skipped_steps": trainer.skipped_steps,
+        "unchanged_by_bad_step": max(rel(after_bad[k], before_bad[k]) for k in before_bad),
+    }
+    # every step from 2 on is bad: the 3rd in a row stops the run with a clear message
+    trainer2 = Trainer(load_config("configs/tiny.yaml", [*BASE, f"parallel.zero_stage={zero}",
+                                                          "train.max_consecutive_skips=3"]))
+    bad_steps.update(range(2, 11))
+    trainer = trainer2  # the hook reads `trainer.step`
+    trainer2.chunks[0].embedding.register_forward_hook(poison)
+    try:
+        trainer2.train()
+        out["stopped"] = None
+    except TrainingError as exc:
+        out["stopped"] = {"step": trainer2.step, "message": str(exc)}
+    return out
+
+
+def main() -> None:
+    what = sys.argv[1]
+    if what == "reference":
+        report = reference(sys.argv[2], sys.argv[3])
+    else:
+        specs = [s for s in sys.argv[3:] if not s.startswith("nan")]
+        report = layouts(sys.argv[2], specs)
+        for s in sys.argv[3:]:
+            if s.startswith("nan"):
+                report[s] = nan_checks(int(s[len("nan"):]))
+    if dist.get_rank() == 0:
+        print("RESULT " + json.dumps(report), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
