@@ -58,3 +58,57 @@ def run_distributed(
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+# ---------------------------------------------------------------------------------------------
+# software only root can install: a real single-node SLURM, Open MPI (tests marked root_install)
+
+
+def _needs_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to install SLURM (apt-get): run as root")
+
+
+@pytest.fixture(scope="session")
+def local_slurm():
+    """A real single-node SLURM (slurm/local/start.sh); stopped at the end if this session started it."""
+    import shutil
+    import time
+
+    _needs_root()
+    subprocess.run([str(REPO / "slurm/local/install.sh")], check=True, capture_output=True, timeout=900)
+    already = shutil.which("sinfo") is not None and subprocess.run(
+        ["sinfo", "-h"], capture_output=True).returncode == 0
+    t0 = time.time()
+    proc = subprocess.run([str(REPO / "slurm/local/start.sh")], capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise AssertionError(f"slurm/local/start.sh failed:\n{proc.stdout}\n{proc.stderr}")
+    print(f"local SLURM up in {time.time() - t0:.1f}s: {proc.stdout.strip()}")
+    yield
+    if not already:
+        subprocess.run([str(REPO / "slurm/local/stop.sh")], capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def local_mpi():
+    """Open MPI (apt) and mpi4py (pip) installed; returns the mpirun path."""
+    import shutil
+
+    _needs_root()
+    subprocess.run([str(REPO / "slurm/local/install.sh")], check=True, capture_output=True, timeout=900)
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "mpi4py>=3.1"], check=True, timeout=600)
+    mpirun = shutil.which("mpirun")
+    assert mpirun is not None, "slurm/local/install.sh did not provide mpirun"
+    return mpirun
+
+
+def tensorboard_scalars(run_dir: str | Path, tag: str = "train/loss") -> list[tuple[int, float]]:
+    """(step, value) of one scalar from run_dir/tensorboard, in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(Path(run_dir) / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return sorted((e.step, e.value) for e in acc.Scalars(tag)) if tag in acc.Tags()["scalars"] else []

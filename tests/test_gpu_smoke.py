@@ -26,3 +26,19 @@ def test_tiny_retnet_bf16_forward_backward_on_cuda(ctx1):
         ref = model(x, mode="parallel").logits.float()
         got = model(x, mode="chunk").logits.float()
     assert (got - ref).norm() / ref.norm() < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_trainer_bf16_steps_on_cuda(tmp_path):
+    """The trainer (DeepSpeed ZeRO-1 bf16, megatron schedule, eval) runs a few steps on the GPU."""
+    import json
+
+    from tests.conftest import run_distributed
+
+    proc = run_distributed("train_features.py", 1, "gpu", str(tmp_path))
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    r = json.loads(line[len("RESULT "):])
+    assert r["device"].startswith("cuda")
+    assert all(v == v for v in r["losses"]) and r["losses"][-1] < r["losses"][0]
+    assert len(r["evals"]) == 2

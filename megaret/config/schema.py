@@ -295,7 +295,12 @@ class LoggingConfig(_Section):
     _section: ClassVar[str] = "logging"
 
     tensorboard: bool = True
-    profile: bool = False
+    profile: bool = False  # torch.profiler trace of a few steps under run.dir/tensorboard/profile
+    # peak dense TFLOP/s of one device for MFU (None: known GPU models by name; else MFU is not logged)
+    peak_tflops: float | None = None
+
+    def __post_init__(self) -> None:
+        self._positive("peak_tflops")
 
 
 @dataclass

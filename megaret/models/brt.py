@@ -21,9 +21,10 @@ from megaret.parallel.context import TensorParallel
 class BlockRecurrentTransformer(Transformer):
     """Transformer(arch=sliding) whose configured layers are BRT recurrent layers."""
 
-    def __init__(self, cfg: ModelConfig, config: TransformerConfig, tp: TensorParallel) -> None:
+    def __init__(self, cfg: ModelConfig, config: TransformerConfig, tp: TensorParallel, **stage) -> None:
+        """stage: pre_process / post_process / layers, as for Transformer (one pipeline stage)."""
         self.recurrent = set(cfg.recurrent_layer_indices)
-        super().__init__(cfg, config, tp)
+        super().__init__(cfg, config, tp, **stage)
 
     def build_layer(self, index: int, config: TransformerConfig) -> nn.Module:
         if index in self.recurrent:

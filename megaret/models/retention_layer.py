@@ -72,28 +72,36 @@ class MultiScaleRetention(nn.Module):
         state: torch.Tensor | None = None,
         position: int = 0,
         mode: str = "chunk",
+        doc_start: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (T, B, d); state: (B, H_local, Dk, Dv) or None -> ((T, B, d), new state)."""
+        """x: (T, B, d) ((T / tp, B, d) under sequence parallelism: the column-parallel
+        projections gather T, the row-parallel output scatters it back); state: (B, H_local,
+        Dk, Dv) or None -> ((T, B, d), new state). doc_start: (B, T) bool or None, True where
+        a document starts: the retention state is zeroed just before it (packed samples).
+        Rotary positions are not restarted there: retention with rotary depends only on
+        relative positions inside a document, so the absolute offset changes nothing."""
         q = self._heads(self.q_proj(x)[0], self.key_dim)  # (B, T, H, Dk)
         k = self._heads(self.k_proj(x)[0], self.key_dim)  # (B, T, H, Dk)
         v = self._heads(self.v_proj(x)[0], self.value_dim)  # (B, T, H, Dv)
         q = self.rotary(q, position)
         k = self.rotary(k, position) * self.key_dim**-0.5
         log_decay = self.log_decay.to(q.dtype) if q.dtype == torch.float64 else self.log_decay
+        reset = doc_start
         if mode == "parallel":
-            o, new_state = parallel_retention(q, k, v, log_decay, state)
+            o, new_state = parallel_retention(q, k, v, log_decay, state, reset)
         elif mode == "chunk":
-            o, new_state = chunk_retention(q, k, v, log_decay, state, chunk_size=self.chunk_size)
+            o, new_state = chunk_retention(q, k, v, log_decay, state, chunk_size=self.chunk_size, reset=reset)
         elif mode == "recurrent":
             if q.shape[1] == 1:  # one decoding step: O(1) in the context length
-                o, new_state = retention_step(q[:, 0], k[:, 0], v[:, 0], log_decay, state)
+                o, new_state = retention_step(q[:, 0], k[:, 0], v[:, 0], log_decay, state,
+                                              None if reset is None else reset[:, 0])
                 o = o[:, None]
             else:
-                o, new_state = recurrent_retention(q, k, v, log_decay, state)
+                o, new_state = recurrent_retention(q, k, v, log_decay, state, reset)
         else:
             raise ValueError(f"model.retention_mode: unknown {mode!r}; use one of {RETENTION_MODES}")
         y = head_norm(o, self.norm_eps)  # (B, T, H, Dv)
-        t, b = x.shape[:2]
+        b, t = q.shape[:2]  # the full T also under sequence parallelism (x is then a T / tp shard)
         y = y.transpose(0, 1).reshape(t, b, self.local_heads * self.value_dim)  # (T, B, H*Dv)
         gate, _ = self.g_proj(x)  # (T, B, H*Dv)
         out, _ = self.out_proj(F.silu(gate) * y.to(gate.dtype))  # (T, B, d), all-reduced

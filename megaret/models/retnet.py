@@ -16,10 +16,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from megatron.core import tensor_parallel
 from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
     VocabParallelEmbedding,
     gather_from_tensor_model_parallel_region,
+    scatter_to_sequence_parallel_region,
     vocab_parallel_cross_entropy,
 )
 from megatron.core.transformer import TransformerConfig
@@ -28,7 +30,7 @@ from torch import nn
 
 from megaret.config import ModelConfig
 from megaret.models.ffn import FeedForward
-from megaret.models.norms import build_norm
+from megaret.models.norms import RMSNorm, build_norm
 from megaret.models.retention_layer import MultiScaleRetention
 from megaret.parallel.context import TensorParallel
 
@@ -67,10 +69,10 @@ class RetNetBlock(nn.Module):
         self.ffn = FeedForward(cfg.hidden_size, cfg.ffn_hidden_size, cfg.ffn_type, config, tp)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, state: torch.Tensor | None, position: int, mode: str
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, state: torch.Tensor | None, position: int, mode: str,
+                doc_start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (T, B, d) -> ((T, B, d), this layer's new retention state)."""
-        y, new_state = self.retention(self.retention_norm(x), state, position, mode)
+        y, new_state = self.retention(self.retention_norm(x), state, position, mode, doc_start)
         x = x + self.dropout(y)
         x = x + self.dropout(self.ffn(self.ffn_norm(x)))
         return x, new_state
@@ -147,6 +149,17 @@ class RetNet(nn.Module):
         else:
             self.final_norm = self.output = None
         self.dropout = nn.Dropout(cfg.dropout)
+        # Sequence parallelism (megatron's): between the embedding and the output layer the
+        # activations are split along T over the TP ranks; the norms then see one shard each,
+        # so their gradients are partial sums, summed over TP before the optimizer step (the
+        # trainer looks for this tag, as megatron's finalize_model_grads does).
+        self.sequence_parallel = bool(config.sequence_parallel) and tp.size > 1
+        if self.sequence_parallel:
+            for module in self.modules():
+                if isinstance(module, nn.LayerNorm | RMSNorm):
+                    for p in module.parameters():
+                        p.sequence_parallel = True
+        self.recompute = False  # activation recomputation per block (set by the trainer)
 
     def set_input_tensor(self, input_tensor: torch.Tensor | list[torch.Tensor | None] | None) -> None:
         """Megatron's schedules hand a non-first stage its input (T, B, d) here before forward."""
@@ -160,9 +173,13 @@ class RetNet(nn.Module):
         labels: torch.Tensor | None = None,
         state: RetNetState | None = None,
         mode: str | None = None,
+        doc_start: torch.Tensor | None = None,
     ) -> RetNetOutput | torch.Tensor:
         """tokens: (B, T) int ids (ignored by a non-first stage); labels: (B, T) or None;
-        state: from a previous call. A non-last stage returns its hidden states (T, B, d)."""
+        state: from a previous call. A non-last stage returns its hidden states (T, B, d).
+        doc_start: (B, T) bool or None: True where a document starts inside the sample; every
+        layer's retention state is zeroed just before it, so packed documents do not see each
+        other (rotary positions run on: retention depends only on positions within a document)."""
         mode = mode or self.cfg.retention_mode
         position = 0 if state is None else state.position
         layer_states = [None] * len(self.layers) if state is None else state.layers
@@ -170,6 +187,8 @@ class RetNet(nn.Module):
             raise ValueError(f"state has {len(layer_states)} layers; this model has {len(self.layers)}")
         if self.pre_process:
             x = self.embedding(tokens.t().contiguous())  # (T, B, d)
+            if self.sequence_parallel:
+                x = scatter_to_sequence_parallel_region(x, group=self.tp.group)  # (T / tp, B, d)
             x = self.dropout(x)
         else:
             if self.input_tensor is None:
@@ -177,7 +196,12 @@ class RetNet(nn.Module):
             x = self.input_tensor  # (T, B, d) from the previous stage
         new_states = []
         for layer, layer_state in zip(self.layers, layer_states, strict=True):
-            x, s = layer(x, layer_state, position, mode)
+            if self.recompute and torch.is_grad_enabled():
+                # keep only the block's input; recompute its activations in the backward
+                x, s = tensor_parallel.checkpoint(
+                    lambda h, st, layer=layer: layer(h, st, position, mode, doc_start), False, x, layer_state)
+            else:
+                x, s = layer(x, layer_state, position, mode, doc_start)
             new_states.append(s)
         if not self.post_process:
             return x

@@ -10,6 +10,12 @@ second call with ``initial_state=S_T`` continues the sequence exactly. There is 
 normalisation and no key scaling in here: the caller scales keys, and the layer's per-head
 GroupNorm makes the overall scale irrelevant.
 
+Document resets (packed samples): every form takes an optional ``reset`` ``(B, T)`` bool (the
+step ``(B,)``), True where a new document starts. The state is zeroed just before such a
+position, so o_t sees only s in [last reset <= t, t], the initial state reaches only the
+positions before the first reset, and the final state holds only the keys after the last reset
+(plus S_0 when there is no reset at all). ``reset=None`` is the unchanged no-reset path.
+
 Contract (shared with flash-linear-attention style ops):
   q, k: ``(B, T, H, Dk)``; v: ``(B, T, H, Dv)``; log_decay: ``(H,)`` with log_decay < 0, finite;
   initial_state: ``(B, H, Dk, Dv)`` or None. Every form returns ``(o, final_state)`` with o
@@ -105,6 +111,20 @@ def _validate(
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
 
 
+def _validate_reset(reset: Tensor | None, q: Tensor, *, step: bool = False) -> None:
+    if reset is None:
+        return
+    want = tuple(q.shape[:1]) if step else tuple(q.shape[:2])
+    name = "(B,)" if step else "(B, T)"
+    if not isinstance(reset, Tensor) or tuple(reset.shape) != want:
+        got = _shape(reset) if isinstance(reset, Tensor) else type(reset).__name__
+        raise ValueError(f"reset has shape {got}; expected {name} = {want} matching q")
+    if reset.dtype != torch.bool:
+        raise ValueError(f"reset has dtype {reset.dtype}; expected torch.bool")
+    if reset.device != q.device:
+        raise ValueError(f"reset is on device {reset.device}; expected {q.device} matching q")
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp64 stays fp64; fp32/bf16/fp16 are computed (and carry state) in fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -129,13 +149,17 @@ def _decay_matrix(log_decay: Tensor, n: int) -> Tensor:
 
 
 def parallel_retention(
-    q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, initial_state: Tensor | None = None
+    q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, initial_state: Tensor | None = None,
+    reset: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Parallel (training) form: ``o = (Q K^T ⊙ D) V + (Q S_0) ⊙ xi``. O(T^2) time and memory.
 
     Simplest and most obviously correct form; the reference the other forms are tested against.
+    With ``reset`` (B, T), D[n, m] is kept only within a document (doc_id[n] == doc_id[m],
+    doc_id the running count of resets).
     """
     _validate(q, k, v, log_decay, initial_state)
+    _validate_reset(reset, q)
     out_dtype, cdt = q.dtype, _compute_dtype(q.dtype)
     T = q.shape[1]
     qh = q.transpose(1, 2).to(cdt)  # (B, H, T, Dk)
@@ -144,29 +168,44 @@ def parallel_retention(
     lg = log_decay.to(cdt)  # (H,)
 
     D = _decay_matrix(lg, T)  # (H, T, T)
+    if reset is not None:
+        doc = reset.long().cumsum(1)  # (B, T): document index of every position
+        same = (doc[:, :, None] == doc[:, None, :]).to(cdt)  # (B, T, T)
+        D = D[None] * same[:, None]  # (B, H, T, T)
     scores = torch.einsum("bhtd,bhsd->bhts", qh, kh) * D  # (B, H, T, T)
     o = torch.einsum("bhts,bhse->bhte", scores, vh)  # (B, H, T, Dv)
 
     pos = torch.arange(T, device=q.device, dtype=cdt)  # (T,)
     # Final-state weights gamma^(T-1-s), exponent >= 0.
     zeta = torch.exp((T - 1 - pos)[None, :] * lg[:, None])  # (H, T)
-    final = torch.einsum("bhsd,bhse->bhde", kh, vh * zeta[None, :, :, None])  # (B, H, Dk, Dv)
+    if reset is None:
+        final = torch.einsum("bhsd,bhse->bhde", kh, vh * zeta[None, :, :, None])  # (B, H, Dk, Dv)
+    else:  # only the keys of the last document reach the final state
+        last = (doc == doc[:, -1:]).to(cdt) if T else doc.to(cdt)  # (B, T)
+        final = torch.einsum("bhsd,bhse->bhde", kh, vh * (zeta[None] * last[:, None])[..., None])
     if initial_state is not None:
         s0 = initial_state.to(cdt)  # (B, H, Dk, Dv)
-        xi = torch.exp((pos + 1)[None, :] * lg[:, None])  # (H, T): gamma^(t+1)
-        o = o + torch.einsum("bhtd,bhde->bhte", qh, s0) * xi[None, :, :, None]
-        final = final + torch.exp(T * lg)[None, :, None, None] * s0
+        xi = torch.exp((pos + 1)[None, :] * lg[:, None])[None, :, :, None]  # (1, H, T, 1): gamma^(t+1)
+        s0_final = torch.exp(T * lg)[None, :, None, None] * s0
+        if reset is not None:  # S_0 reaches the positions before the first reset only
+            xi = xi * (doc == 0).to(cdt)[:, None, :, None]  # (B, H, T, 1)
+            s0_final = s0_final * (~reset.any(1)).to(cdt)[:, None, None, None]
+        o = o + torch.einsum("bhtd,bhde->bhte", qh, s0) * xi
+        final = final + s0_final
     return o.transpose(1, 2).to(out_dtype), final
 
 
 def recurrent_retention(
-    q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, initial_state: Tensor | None = None
+    q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, initial_state: Tensor | None = None,
+    reset: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Recurrent form, a Python loop over time: ``S_n = gamma S_{n-1} + k_n^T v_n``, ``o_n = q_n S_n``.
 
     O(T) but slow (T small kernels); useful as a reference and for prefill-free decoding checks.
+    With ``reset`` (B, T), S_{n-1} is zeroed where reset[:, n].
     """
     _validate(q, k, v, log_decay, initial_state)
+    _validate_reset(reset, q)
     out_dtype, cdt = q.dtype, _compute_dtype(q.dtype)
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
@@ -177,7 +216,10 @@ def recurrent_retention(
     else:
         S = initial_state.to(cdt)  # (B, H, Dk, Dv)
     outs = []
+    keep = None if reset is None else (~reset).to(cdt)[:, :, None, None, None]  # (B, T, 1, 1, 1)
     for t in range(T):
+        if keep is not None:
+            S = S * keep[:, t]
         S = gamma * S + kc[:, t, :, :, None] * vc[:, t, :, None, :]  # (B, H, Dk, Dv)
         outs.append(torch.einsum("bhd,bhde->bhe", qc[:, t], S))  # (B, H, Dv)
     if outs:
@@ -188,18 +230,23 @@ def recurrent_retention(
 
 
 def retention_step(
-    q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, state: Tensor | None = None
+    q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor, state: Tensor | None = None,
+    reset: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One decoding step: ``S' = gamma S + k^T v``, ``o = q S'``.
 
-    q, k: ``(B, H, Dk)``; v: ``(B, H, Dv)``; state ``(B, H, Dk, Dv)`` or None (zeros).
+    q, k: ``(B, H, Dk)``; v: ``(B, H, Dv)``; state ``(B, H, Dk, Dv)`` or None (zeros);
+    reset ``(B,)`` bool or None: the samples whose state is zeroed before this token.
     Returns ``(o (B, H, Dv), new_state)``; new_state is fp32 for bf16/fp16 inputs.
     """
     _validate(q, k, v, log_decay, state, step=True, state_name="state")
+    _validate_reset(reset, q, step=True)
     out_dtype, cdt = q.dtype, _compute_dtype(q.dtype)
     qc, kc, vc = q.to(cdt), k.to(cdt), v.to(cdt)
     gamma = torch.exp(log_decay.to(cdt))[None, :, None, None]  # (1, H, 1, 1)
     kv = kc[..., :, None] * vc[..., None, :]  # (B, H, Dk, Dv)
+    if state is not None and reset is not None:
+        state = state.to(cdt) * (~reset).to(cdt)[:, None, None, None]
     new_state = kv if state is None else gamma * state.to(cdt) + kv
     o = torch.einsum("bhd,bhde->bhe", qc, new_state)  # (B, H, Dv)
     return o.to(out_dtype), new_state
@@ -213,6 +260,7 @@ def chunk_retention(
     initial_state: Tensor | None = None,
     *,
     chunk_size: int = 64,
+    reset: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Chunkwise form: parallel inside chunks of ``chunk_size``, recurrent across chunks.
 
@@ -222,8 +270,13 @@ def chunk_retention(
     sits after every real token, so causality keeps it out of the real outputs, and its k = v = 0
     adds nothing to the state); the ragged last chunk uses its own length L for zeta and the
     gamma^L factor of the final state.
+
+    With ``reset`` (B, T): the intra-chunk decay is kept within a document only; a query uses the
+    carried state only if no reset lies in [chunk start, query]; a chunk passes on only its keys
+    after its last reset, and drops the incoming state if it holds a reset.
     """
     _validate(q, k, v, log_decay, initial_state, chunk_size=chunk_size)
+    _validate_reset(reset, q)
     out_dtype, cdt = q.dtype, _compute_dtype(q.dtype)
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
@@ -241,10 +294,18 @@ def chunk_retention(
         return x.reshape(B, H, N, C, x.shape[-1])  # (B, H, N, C, D)
 
     qc, kc, vc = to_chunks(q), to_chunks(k), to_chunks(v)  # (B, H, N, C, D*)
+    if reset is not None:
+        r = torch.nn.functional.pad(reset, (0, pad)).view(B, N, C)  # padding never resets
+        local = r.long().cumsum(2)  # (B, N, C): resets so far inside the chunk
+        same = (local[..., :, None] == local[..., None, :]).to(cdt)  # (B, N, C, C): same document
+        no_reset_yet = (local == 0).to(cdt)  # (B, N, C): the carried state still counts here
+        tail = (local == local[..., -1:]).to(cdt)  # (B, N, C): keys after the chunk's last reset
+        carries = (local[..., -1] == 0).to(cdt)  # (B, N): the chunk lets the incoming state through
 
     # Intra-chunk: parallel form inside each chunk, all chunks in one batched einsum.
     D = _decay_matrix(lg, C)  # (H, C, C)
-    scores = torch.einsum("bhncd,bhnsd->bhncs", qc, kc) * D[None, :, None]  # (B, H, N, C, C)
+    D = D[None, :, None] if reset is None else D[None, :, None] * same[:, None]  # (B|1, H, N, C, C)
+    scores = torch.einsum("bhncd,bhnsd->bhncs", qc, kc) * D  # (B, H, N, C, C)
     o = torch.einsum("bhncs,bhnse->bhnce", scores, vc)  # (B, H, N, C, Dv)
 
     # Per-chunk state contributions K_[i]^T (V_[i] ⊙ zeta_i), zeta_i[j] = gamma^(len_i - 1 - j)
@@ -256,7 +317,8 @@ def chunk_retention(
         lens[-1] = L
     zeta_exp = (lens[:, None] - 1 - j[None, :]).clamp(min=0).to(cdt)  # (N, C), >= 0
     zeta = torch.exp(zeta_exp[None] * lg[:, None, None])  # (H, N, C)
-    kv = torch.einsum("bhncd,bhnce->bhnde", kc, vc * zeta[None, ..., None])  # (B, H, N, Dk, Dv)
+    zeta = zeta[None] if reset is None else zeta[None] * tail[:, None]  # (B|1, H, N, C)
+    kv = torch.einsum("bhncd,bhnce->bhnde", kc, vc * zeta[..., None])  # (B, H, N, Dk, Dv)
 
     # Inter-chunk recurrence on the carried state (compute dtype, fp32 for low precision).
     # Chunk i enters with S_in_i = R_{i-1} (R_{-1} = S_0); only the final state sees gamma^L.
@@ -267,7 +329,10 @@ def chunk_retention(
     states_in = []
     for i in range(N):
         states_in.append(S)
-        S = (decay_L if i == N - 1 else decay_C) * S + kv[:, :, i]  # (B, H, Dk, Dv)
+        decay = decay_L if i == N - 1 else decay_C
+        if reset is not None:
+            decay = decay * carries[:, i, None, None, None]  # (B, 1, 1, 1)
+        S = decay * S + kv[:, :, i]  # (B, H, Dk, Dv)
     final = S
 
     # Inter-chunk output (Q_[i] S_in_i) ⊙ xi, xi_j = gamma^(j+1). Chunk 0 with no initial state
@@ -277,6 +342,8 @@ def chunk_retention(
         s_in = torch.stack(states_in[first:], dim=2)  # (B, H, N-first, Dk, Dv)
         xi = torch.exp((j + 1).to(cdt)[None, :] * lg[:, None])  # (H, C)
         inter = torch.einsum("bhncd,bhnde->bhnce", qc[:, :, first:], s_in) * xi[None, :, None, :, None]
+        if reset is not None:
+            inter = inter * no_reset_yet[:, None, first:, :, None]
         o = o + inter if not first else torch.cat([o[:, :, :1], o[:, :, 1:] + inter], dim=2)
 
     o = o.reshape(B, H, N * C, Dv)[:, :, :T]  # (B, H, T, Dv)

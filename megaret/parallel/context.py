@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from megaret.parallel.cpu_adapters import apply_cpu_adapters, seed_tensor_parallel_rng
+from megaret.parallel.launch_env import discover_launch_env
 
 
 @dataclass(frozen=True)
@@ -61,13 +62,16 @@ def _free_port() -> int:
 
 
 def init_distributed(backend: str | None = None, timeout_min: int = 30) -> None:
-    """Initialise torch.distributed from env:// (torchrun style); a lone process gets a world of 1."""
+    """Initialise torch.distributed from env:// (torchrun style); a lone process gets a world of 1.
+
+    srun and mpirun launches are translated to torch's variables first (`discover_launch_env`).
+    """
     if dist.is_initialized():
         return
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     timeout = timedelta(minutes=timeout_min)
-    if "RANK" not in os.environ:
+    if discover_launch_env().source == "single":
         # A plain `python ...` run: a world of one on a free local port. The environment is
         # left alone so that child processes (tests, launchers) don't inherit a stale rank.
         dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",

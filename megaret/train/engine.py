@@ -17,6 +17,7 @@ from megatron.core import parallel_state as ps
 from torch import nn
 
 from megaret.config import Config
+from megaret.models.factory import build_model
 from megaret.models.retnet import RetNet, stage_layers
 from megaret.parallel.context import ParallelContext
 from megaret.parallel.megatron_config import megatron_config
@@ -92,10 +93,41 @@ def micro_batches_per_step(cfg: Config, dp_size: int) -> int:
     return cfg.train.global_batch_size // per_step
 
 
-def build_stage_modules(cfg: Config, ctx: ParallelContext) -> list[RetNet]:
-    """The model chunks this rank holds, initialised exactly like the same layers of the full model."""
-    if cfg.model.arch != "retnet":
-        raise ValueError(f"model.arch={cfg.model.arch!r}: the trainer builds retnet only for now")
+def check_training_features(cfg: Config, pp_size: int) -> None:
+    """Refuse, with the key to change, the combinations the trainer does not support."""
+    if cfg.data.packing == "segments" and pp_size > 1:
+        raise ValueError(
+            f"data.packing=segments carries each layer's recurrent state from step to step, which the "
+            f"trainer supports at parallel.pipeline=1 only (pipeline={pp_size}); set parallel.pipeline=1 "
+            "or data.packing=packed")
+    arch = cfg.model.arch
+    if cfg.data.reset_at_doc_boundaries and arch != "retnet":
+        raise ValueError(
+            f"data.reset_at_doc_boundaries=true with model.arch={arch}: document resets inside a packed "
+            "sample are implemented for retnet only (the attention of this arch would still see across "
+            "documents in the sample); set data.reset_at_doc_boundaries=false, or use model.arch=retnet")
+    if arch != "retnet":
+        if cfg.data.packing == "segments":
+            raise ValueError(
+                f"data.packing=segments with model.arch={arch}: carrying the attention caches / BRT "
+                "state across training steps is not supported by the trainer yet; use data.packing=packed")
+        if cfg.parallel.sequence_parallel and cfg.parallel.tensor > 1:
+            raise ValueError(f"parallel.sequence_parallel=true with model.arch={arch}: sequence parallelism "
+                             "is implemented for retnet only; set parallel.sequence_parallel=false")
+        if cfg.train.recompute:
+            raise ValueError(f"train.recompute=true with model.arch={arch}: activation recomputation is "
+                             "implemented for retnet only; set train.recompute=false")
+    if cfg.parallel.sequence_parallel and cfg.parallel.zero_stage >= 2:
+        raise ValueError(
+            f"parallel.sequence_parallel=true with parallel.zero_stage={cfg.parallel.zero_stage}: ZeRO-2/3 "
+            "reduce gradients inside the backward, before the norms' sequence-parallel gradients are summed "
+            "over tensor-parallel ranks; use parallel.zero_stage=1 (or 0)")
+
+
+def build_stage_modules(cfg: Config, ctx: ParallelContext) -> list[nn.Module]:
+    """The model chunks this rank holds (any model.arch, built by megaret.models.factory),
+    initialised exactly like the same layers of the full model."""
+    check_training_features(cfg, ctx.pp_size)
     bf16 = cfg.train.precision == "bf16"
     config = megatron_config(cfg.model, cfg.parallel, torch.bfloat16 if bf16 else torch.float32, bf16=bf16)
     vp = cfg.parallel.virtual_pipeline or 1
@@ -103,8 +135,11 @@ def build_stage_modules(cfg: Config, ctx: ParallelContext) -> list[RetNet]:
     for v in range(vp):
         layers, pre, post = stage_layers(cfg.model.num_layers, ctx.pp_size, ctx.pp_rank, vp, v)
         torch.manual_seed(cfg.train.seed)  # every chunk draws the same base seed as the full model
-        chunk = RetNet(cfg.model, config, ctx.tp, pre_process=pre, post_process=post, layers=layers)
+        chunk = build_model(cfg.model, config, ctx.tp, pre_process=pre, post_process=post, layers=layers)
         chunk.vp_stage = v if vp > 1 else None  # megatron's interleaved schedule checks it
+        chunk.recompute = cfg.train.recompute
+        # the step function passes batch.doc_start to the model (retention resets in packed samples)
+        chunk.doc_resets = cfg.data.reset_at_doc_boundaries
         chunks.append(chunk.to(ctx.device))
     return chunks
 

@@ -1,48 +1,170 @@
-"""Training metrics: a progress line and TensorBoard scalars, written by one rank."""
+"""Training metrics: a progress line and TensorBoard scalars, written by one rank.
+
+Scalars (TensorBoard, every step, tag `train/<name>`): loss, ppl, lr, grad_norm, tokens_per_s,
+tflops (achieved model TFLOP/s of the whole job), memory_mib (this rank's peak: max allocated
+on a GPU, max RSS on the CPU), skipped_steps, and mfu when a peak is known. Evaluation
+(every train.eval_interval steps): eval/loss, eval/ppl.
+
+How FLOPs are counted (`model_flops_per_token`): training costs 3x the forward (forward +
+backward, which is twice the forward), and the forward of one token costs
+  2 * N_matmul                  every weight matrix once (embedding lookup excluded, output
+                                layer included, tied or not)
++ num_layers * mixer            the token-mixing term that has no weights:
+    RetNet:      2 * C * d * (1 + v)  (q.k over C keys, then times V, C = chunk_size in chunk
+                 mode, seq_length in parallel mode, 0 in recurrent mode; the full C x C block
+                 is computed, so no causal halving)  +  4 * v * d^2 / H  (q.S and the k^T v
+                 state update of the chunk/recurrent forms)
+    Transformer: 4 * T_attn * d with T_attn = seq_length (causal, full matrix counted) or
+                 2 * block_size (sliding / BRT: previous + current block)
+Recomputation is not counted (model FLOPs, not hardware FLOPs). MFU = achieved FLOP/s of the
+job / (logging.peak_tflops * world size); without logging.peak_tflops the device's bf16 dense
+peak is looked up by name (H100/H200 989, A100 312 TFLOP/s) and MFU is skipped on the CPU.
+"""
 
 from __future__ import annotations
 
 import math
+import resource
+import time
 from pathlib import Path
 
+import torch
+
+from megaret.config import Config, ModelConfig
 from megaret.train.step import StepResult
 
-SCALARS = ("loss", "ppl", "lr", "grad_norm", "tokens_per_s", "skipped_steps")
+SCALARS = ("loss", "ppl", "lr", "grad_norm", "tokens_per_s", "tflops", "memory_mib", "skipped_steps")
+
+# bf16 dense peak TFLOP/s per device, by a substring of torch.cuda.get_device_name()
+DEVICE_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0,
+                      "V100": 125.0}
+
+
+def model_flops_per_token(cfg: ModelConfig, seq_length: int) -> float:
+    """Training FLOPs (forward + backward) per token of the model `cfg`; see the module doc."""
+    d, f, v, n_layers = cfg.hidden_size, cfg.ffn_hidden_size, cfg.value_factor, cfg.num_layers
+    ffn = (3 if cfg.ffn_type == "swiglu" else 2) * d * f
+    if cfg.arch == "retnet":
+        layer = (2 + 3 * v) * d * d + ffn
+        context = {"chunk": min(cfg.chunk_size, seq_length), "parallel": seq_length,
+                   "recurrent": 0}[cfg.retention_mode]
+        mixer = 2 * context * d * (1 + v) + 4 * v * d * d / cfg.num_heads
+    else:
+        layer = 4 * d * d + ffn
+        span = seq_length if cfg.arch == "transformer" else min(2 * cfg.block_size, seq_length)
+        mixer = 4 * span * d
+    forward = 2 * (n_layers * layer + cfg.vocab_size * d) + n_layers * mixer
+    return 3.0 * forward
+
+
+def peak_tflops(cfg: Config) -> float | None:
+    """Peak TFLOP/s of one device: logging.peak_tflops, or the GPU's by name, or None."""
+    if cfg.logging.peak_tflops is not None:
+        return float(cfg.logging.peak_tflops)
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, value in DEVICE_PEAK_TFLOPS.items():
+            if key in name:
+                return value
+    return None
+
+
+def peak_memory_mib(device: torch.device | None = None) -> float:
+    """This process's peak memory: max allocated on a CUDA device, else max RSS (MiB)."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(min(loss, 50.0)) if math.isfinite(loss) else loss
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    return f"{h}:{rem // 60:02d}:{rem % 60:02d}"
 
 
 class Metrics:
     """Prints every `log_interval` steps; writes every step's scalars under run_dir/tensorboard."""
 
-    def __init__(self, run_dir: str | Path, writer_rank: bool, tensorboard: bool, log_interval: int) -> None:
+    def __init__(self, run_dir: str | Path, writer_rank: bool, tensorboard: bool, log_interval: int,
+                 flops_per_token: float | None = None, peak_flops: float | None = None,
+                 device: torch.device | None = None) -> None:
+        """flops_per_token: training FLOPs per token; peak_flops: the whole job's peak FLOP/s."""
         self.writer_rank = writer_rank
         self.log_interval = log_interval
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops
+        self.device = device
+        self.step_times: list[float] = []
         self.tb = None
         if writer_rank and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
 
+    def eta_seconds(self, step: int, total_steps: int) -> float:
+        """Remaining steps times the mean step time (the first, warm-up step left out once there are more)."""
+        times = self.step_times[1:] if len(self.step_times) > 1 else self.step_times
+        return (total_steps - step) * (sum(times) / len(times)) if times else float("nan")
+
     def log(self, step: int, result: StepResult, tokens_per_s: float, skipped_steps: int,
-            total_steps: int) -> None:
+            total_steps: int, step_time: float | None = None) -> dict[str, float]:
+        if step_time is not None:
+            self.step_times.append(step_time)
         if not self.writer_rank:
-            return
+            return {}
+        tflops = self.flops_per_token * tokens_per_s / 1e12 if self.flops_per_token else float("nan")
         values = {
             "loss": result.loss,
-            "ppl": math.exp(min(result.loss, 50.0)) if math.isfinite(result.loss) else result.loss,
+            "ppl": _ppl(result.loss),
             "lr": result.lr,
             "grad_norm": result.grad_norm if result.grad_norm is not None else float("nan"),
             "tokens_per_s": tokens_per_s,
+            "tflops": tflops,
+            "memory_mib": peak_memory_mib(self.device),
             "skipped_steps": float(skipped_steps),
         }
+        if self.peak_flops:
+            values["mfu"] = tflops * 1e12 / self.peak_flops
         if self.tb is not None:
-            for name in SCALARS:
-                self.tb.add_scalar(f"train/{name}", values[name], step)
+            for name, value in values.items():
+                self.tb.add_scalar(f"train/{name}", value, step)
         if step % self.log_interval == 0 or step in (1, total_steps) or result.skipped:
             note = "  SKIPPED (non-finite loss/grad)" if result.skipped else ""
-            print(f"step {step:6d} | loss {result.loss:.4f} | lr {result.lr:.3e} | "
-                  f"grad norm {values['grad_norm']:.3f} | {tokens_per_s:,.0f} tok/s | "
-                  f"skipped {skipped_steps}{note}", flush=True)
+            mfu = f" | MFU {values['mfu']:.1%}" if "mfu" in values else ""
+            print(f"step {step:6d}/{total_steps} | loss {result.loss:.4f} | lr {result.lr:.3e} | "
+                  f"grad norm {values['grad_norm']:.3f} | {tokens_per_s:,.0f} tok/s | {tflops:.3g} TFLOP/s"
+                  f"{mfu} | mem {values['memory_mib']:,.0f} MiB | skipped {skipped_steps} | "
+                  f"ETA {_duration(self.eta_seconds(step, total_steps))}{note}", flush=True)
+        return values
+
+    def log_eval(self, step: int, loss: float) -> None:
+        if not self.writer_rank:
+            return
+        if self.tb is not None:
+            self.tb.add_scalar("eval/loss", loss, step)
+            self.tb.add_scalar("eval/ppl", _ppl(loss), step)
+        print(f"eval at step {step:6d} | loss {loss:.4f} | ppl {_ppl(loss):.2f}", flush=True)
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+class Timer:
+    """Wall time of a block, with a device sync on CUDA so the step really finished."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def __enter__(self) -> Timer:
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds = time.perf_counter() - self.t0

@@ -4,19 +4,34 @@ ZeRO-0/1: megatron-core's schedule (no pipelining, 1F1B or interleaved) runs the
 batches and accumulates gradients in the parameters; DeepSpeed then reduces them over DP and
 steps. ZeRO-2/3 (PP=1 only): DeepSpeed's own forward/backward per micro-batch, since it
 reduces gradients inside each backward.
+
+Loss: the mean over the global batch of the per-token loss at the tokens the batch's
+`loss_mask` marks (padding excluded). Each micro-batch's loss is its masked sum times
+n_micro * dp / N, N the masked-token count of the whole global batch (one scalar all-reduce
+over DP); megatron's schedule divides by n_micro and DeepSpeed averages over DP, so the
+gradient is exactly that of sum(loss * mask) / N, whatever the micro-batch split. With an
+all-ones mask this is the plain mean.
+
+Carried state (stateful `data.packing=segments` training, PP=1): a `StateCarry` holds the
+model's recurrent state after each micro-batch, detached, and feeds it to the next one
+(consecutive micro-batches and steps are consecutive segments of the same slots); slots whose
+`reset` flag is set start from a zero state.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megaret.models.retnet import RetNet, RetNetOutput
+from megaret.models.retnet import RetNet, RetNetState
 from megaret.parallel.context import ParallelContext
+from megaret.train.batches import Batch
 
 
 @dataclass
@@ -25,19 +40,68 @@ class StepResult:
     grad_norm: float | None  # global gradient norm before clipping
     lr: float
     skipped: bool  # no parameter update (non-finite loss or gradients)
+    tokens: int = 0  # tokens that counted in the loss (loss_mask), whole global batch
 
 
-def _loss_func(per_token: torch.Tensor):
-    loss = per_token.mean()
-    return loss, {"loss": loss.detach().clone()}  # the schedule divides `loss` in place
+class StateCarry:
+    """The recurrent state one micro-batch leaves for the next (no gradient flows through it)."""
+
+    def __init__(self) -> None:
+        self.state = None
+
+    def take(self, reset: torch.Tensor | None, batch_size: int):
+        """The state to start this micro-batch from; slots with `reset` (B,) start fresh."""
+        state = self.state
+        if state is None:
+            return None
+        if not isinstance(state, RetNetState):
+            raise TypeError(f"carrying {type(state).__name__} across steps is not supported")
+        if state.layers[0].shape[0] != batch_size:
+            raise ValueError(f"carried state has batch {state.layers[0].shape[0]}, "
+                             f"micro-batch has {batch_size}")
+        if reset is None or not bool(reset.any()):
+            return state
+        if bool(reset.all()):
+            return None  # every slot restarts: a fresh sequence, positions from 0
+        keep = (~reset.bool()).to(state.layers[0].dtype).view(-1, 1, 1, 1)
+        # Rotary angles are relative inside q.k and q.S, so a restarted slot may keep the shared offset.
+        return RetNetState([s * keep.to(s.device) for s in state.layers], state.position)
+
+    def put(self, state) -> None:
+        self.state = None if state is None else state.detach()
+
+    def clear(self) -> None:
+        self.state = None
 
 
-def _forward_step(data_iterator, model: RetNet):
-    tokens, labels = next(data_iterator)
-    out = model(tokens, labels)
-    if isinstance(out, RetNetOutput):
-        return out.loss, _loss_func  # (B, T) per-token loss on the last stage
-    return out, _loss_func  # hidden states for the next stage
+def _loss_func(mask: torch.Tensor, scale: float, per_token: torch.Tensor):
+    """per_token, mask: (B, T) -> (the loss to differentiate, what the step reports)."""
+    masked_sum = (per_token.float() * mask).sum()
+    loss = masked_sum * scale
+    # the schedule divides `loss` in place: report clones
+    return loss, {"loss": loss.detach().clone(), "sum": masked_sum.detach().clone(),
+                  "count": mask.sum().detach()}
+
+
+def _model_kwargs(model, batch: Batch) -> dict:
+    """Extra forward arguments: the document starts inside each sample when the trainer resets
+    the retention state there (data.reset_at_doc_boundaries; the engine tags the chunks)."""
+    if getattr(model, "doc_resets", False) and batch.doc_start is not None:
+        return {"doc_start": batch.doc_start.bool()}
+    return {}
+
+
+def _forward_step(scale: float, carry: StateCarry | None, data_iterator, model):
+    batch: Batch = next(data_iterator)
+    state = carry.take(batch.reset, batch.tokens.shape[0]) if carry is not None else None
+    out = model(batch.tokens, batch.labels, state=state, **_model_kwargs(model, batch))
+    if not isinstance(out, torch.Tensor):  # RetNetOutput / TransformerOutput: the last stage
+        if carry is not None:
+            carry.put(out.state)
+        return out.loss, partial(_loss_func, batch.loss_mask, scale)  # (B, T) per-token loss, last stage
+    if carry is not None:
+        raise ValueError("carried recurrent state needs parallel.pipeline=1")
+    return out, partial(_loss_func, batch.loss_mask, scale)  # hidden states for the next stage
 
 
 def _global_mean(local: float, contributes: bool, ctx: ParallelContext) -> float:
@@ -47,19 +111,51 @@ def _global_mean(local: float, contributes: bool, ctx: ParallelContext) -> float
     return t.item() / ctx.dp_size
 
 
-def train_step(engine, chunks: list[RetNet], ctx: ParallelContext, tokens: torch.Tensor,
-               labels: torch.Tensor, micro_batch_size: int, lr: float, zero_stage: int) -> StepResult:
-    """tokens, labels: (B, T), this DP rank's share of the global batch."""
+def _dp_sum(value: float, ctx: ParallelContext) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=ctx.device)
+    if ctx.dp_size > 1:
+        dist.all_reduce(t, group=ps.get_data_parallel_group())
+    return t.item()
+
+
+def allreduce_sequence_parallel_grads(chunks: list[RetNet], ctx: ParallelContext) -> None:
+    """Sum over TP the gradients of parameters tagged `sequence_parallel` (norms seeing one
+    sequence shard each), as megatron's finalize_model_grads does."""
+    if ctx.tp.size == 1:
+        return
+    grads = [p.grad for c in chunks for p in c.parameters()
+             if getattr(p, "sequence_parallel", False) and p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=ctx.tp.group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def train_step(engine, chunks: list[RetNet], ctx: ParallelContext, batch: Batch, micro_batch_size: int,
+               lr: float, zero_stage: int, carry: StateCarry | None = None) -> StepResult:
+    """batch: (B, T) tensors, this DP rank's share of the global batch."""
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
-    micro = list(zip(tokens.to(ctx.device).split(micro_batch_size),
-                     labels.to(ctx.device).split(micro_batch_size), strict=True))
+    micro = batch.to(ctx.device).split(micro_batch_size)
+    n_tokens = _dp_sum(float(batch.loss_mask.sum()), ctx)
+    scale = len(micro) * ctx.dp_size / max(n_tokens, 1.0)
+    if carry is not None and (len(chunks) != 1 or ctx.pp_size != 1):
+        raise ValueError("carrying recurrent state across steps (data.packing=segments) needs "
+                         "parallel.pipeline=1")
     if zero_stage >= 2:
         if len(chunks) != 1 or ctx.pp_size != 1:
             raise ValueError(f"parallel.zero_stage={zero_stage} needs parallel.pipeline=1")
         total = 0.0
-        for x, y in micro:
-            loss = engine(x, y).loss.mean()
+        for mb in micro:
+            state = carry.take(mb.reset, mb.tokens.shape[0]) if carry is not None else None
+            out = engine(mb.tokens, mb.labels, state=state, **_model_kwargs(chunks[0], mb))
+            if carry is not None:
+                carry.put(out.state)
+            loss, _ = _loss_func(mb.loss_mask, scale, out.loss)
             engine.backward(loss)  # scales by 1 / gradient_accumulation_steps
             engine.step()  # steps only at the accumulation boundary (the last micro-batch)
             total += loss.item()
@@ -70,10 +166,11 @@ def train_step(engine, chunks: list[RetNet], ctx: ParallelContext, tokens: torch
         data_iterator = iters if len(chunks) > 1 else iters[0]
         engine.set_gradient_accumulation_boundary(False)
         losses = get_forward_backward_func()(
-            forward_step_func=_forward_step, data_iterator=data_iterator, model=model,
-            num_microbatches=len(micro), seq_length=tokens.shape[1], micro_batch_size=micro_batch_size,
+            forward_step_func=partial(_forward_step, scale, carry), data_iterator=data_iterator, model=model,
+            num_microbatches=len(micro), seq_length=batch.tokens.shape[1], micro_batch_size=micro_batch_size,
             forward_only=False,
         )
+        allreduce_sequence_parallel_grads(chunks, ctx)
         engine.set_gradient_accumulation_boundary(True)
         engine.allreduce_gradients()
         engine.step()
@@ -86,4 +183,32 @@ def train_step(engine, chunks: list[RetNet], ctx: ParallelContext, tokens: torch
                            f"(parallel.zero_stage={zero_stage} does not skip bad steps)")
     norm = engine.get_global_grad_norm()
     norm = float(norm) if norm is not None else None
-    return StepResult(loss=loss, grad_norm=norm, lr=lr, skipped=not applied)
+    return StepResult(loss=loss, grad_norm=norm, lr=lr, skipped=not applied, tokens=int(n_tokens))
+
+
+def eval_step(chunks: list[RetNet], ctx: ParallelContext, batches: list[Batch], micro_batch_size: int,
+              carry: StateCarry | None = None) -> float:
+    """Mean masked per-token loss over `batches` (this DP rank's shares; averaged over DP by
+    token count): forward only, through the same megatron schedule, dropout off, no grad."""
+    micro = [mb for b in batches for mb in b.to(ctx.device).split(micro_batch_size)]
+    modes = [c.training for c in chunks]
+    for c in chunks:
+        c.eval()
+    try:
+        with torch.no_grad():
+            model = chunks if len(chunks) > 1 else chunks[0]
+            iters = [iter(micro) for _ in chunks]
+            out = get_forward_backward_func()(
+                forward_step_func=partial(_forward_step, 1.0, carry),
+                data_iterator=iters if len(chunks) > 1 else iters[0], model=model,
+                num_microbatches=len(micro), seq_length=batches[0].tokens.shape[1],
+                micro_batch_size=micro_batch_size, forward_only=True,
+            )
+    finally:
+        for c, m in zip(chunks, modes, strict=True):
+            c.train(m)
+    holds = ctx.is_last_stage and ctx.tp.rank == 0
+    t = torch.tensor([sum(d["sum"].item() for d in out), sum(d["count"].item() for d in out)]
+                     if holds else [0.0, 0.0], dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(t)
+    return (t[0] / t[1].clamp_min(1)).item()

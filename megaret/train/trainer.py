@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import time
+from pathlib import Path
 
 from megaret.config import Config, save_config
 from megaret.parallel.context import build_parallel_context
-from megaret.train.batches import BatchSource, LoaderBatches, SyntheticBatches
+from megaret.train.batches import Batch, BatchSource, LoaderBatches, SyntheticBatches
+from megaret.train.checkpoint import Checkpointer
 from megaret.train.engine import build_engine, build_stage_modules, full_parameters
-from megaret.train.metrics import Metrics
+from megaret.train.metrics import Metrics, Timer, model_flops_per_token, peak_tflops
 from megaret.train.schedule import learning_rate
-from megaret.train.step import StepResult, train_step
+from megaret.train.step import StateCarry, StepResult, eval_step, train_step
 
 
 class TrainingError(RuntimeError):
@@ -28,11 +29,14 @@ class Trainer:
         self.batches = batches or self._batch_source()
         if self.ctx.rank == 0:
             save_config(cfg, cfg.run.dir)
-        self.metrics = Metrics(cfg.run.dir, self.ctx.rank == 0, cfg.logging.tensorboard,
-                               cfg.train.log_interval)
+        self.metrics = self._build_metrics()
+        # stateful segments: each layer's recurrent state flows on to the slot's next segment
+        self.carry = StateCarry() if cfg.data.packing == "segments" else None
         self.step = 0
         self.skipped_steps = 0
         self.consecutive_skips = 0
+        self.checkpointer = Checkpointer(self)  # run.dir/checkpoints; resume loads the newest valid one
+        self.resumed_from = self.checkpointer.resume() if cfg.checkpoint.resume else None
 
     def _batch_source(self) -> BatchSource:
         cfg, ctx = self.cfg, self.ctx
@@ -45,21 +49,83 @@ class Trainer:
         loader = build_loader(cfg, ctx.dp_rank, ctx.dp_size)
         return LoaderBatches(loader, cfg.train.global_batch_size // ctx.dp_size, cfg.train.micro_batch_size)
 
+    def _build_metrics(self) -> Metrics:
+        cfg = self.cfg
+        peak = peak_tflops(cfg)
+        return Metrics(cfg.run.dir, self.ctx.rank == 0, cfg.logging.tensorboard, cfg.train.log_interval,
+                       flops_per_token=model_flops_per_token(cfg.model, cfg.data.seq_length),
+                       peak_flops=None if peak is None else peak * 1e12 * self.ctx.world_size,
+                       device=self.ctx.device)
+
+    def _eval_batches(self) -> list[Batch]:
+        """train.eval_steps batches of the held-out split, the same ones at every evaluation."""
+        cfg, ctx = self.cfg, self.ctx
+        if getattr(self, "_eval_source", None) is None:
+            if cfg.data.source == "synthetic":
+                self._eval_source = self.batches if isinstance(self.batches, SyntheticBatches) else \
+                    SyntheticBatches(cfg.model.vocab_size, cfg.data.seq_length, cfg.train.global_batch_size,
+                                     ctx.dp_size, ctx.dp_rank, cfg.train.seed)
+            else:
+                from megaret.data import build_loader
+
+                loader = build_loader(cfg, ctx.dp_rank, ctx.dp_size, split="valid", num_workers=0)
+                self._eval_start = loader.state_dict()
+                self._eval_source = LoaderBatches(loader, cfg.train.global_batch_size // ctx.dp_size,
+                                                  cfg.train.micro_batch_size)
+        src = self._eval_source
+        if isinstance(src, LoaderBatches):
+            src.loader.load_state_dict(self._eval_start)
+            src.restart()
+            return [src.next_batch(i) for i in range(cfg.train.eval_steps)]
+        return [src.next_batch(-1 - i) for i in range(cfg.train.eval_steps)]  # negative steps: held out
+
+    def evaluate(self) -> float:
+        """Mean loss over train.eval_steps held-out batches, logged as eval/loss and eval/ppl."""
+        carry = StateCarry() if self.carry is not None else None
+        loss = eval_step(self.chunks, self.ctx, self._eval_batches(), self.cfg.train.micro_batch_size, carry)
+        self.metrics.log_eval(self.step, loss)
+        return loss
+
+    def _profile_step(self) -> None:
+        """logging.profile: a torch.profiler trace of steps 2-4 under run.dir/tensorboard/profile."""
+        if not self.cfg.logging.profile:
+            return
+        prof = getattr(self, "_profiler", None)
+        if prof is None and self.step == 1:
+            import torch.profiler as tp
+
+            out = Path(self.cfg.run.dir) / "tensorboard" / "profile"
+            self._profiler = prof = tp.profile(
+                schedule=tp.schedule(wait=0, warmup=1, active=2, repeat=1),
+                on_trace_ready=tp.tensorboard_trace_handler(str(out), worker_name=f"rank{self.ctx.rank}"),
+                record_shapes=False, with_stack=False)
+            prof.start()
+        elif prof is not None:
+            prof.step()
+            if self.step >= 4:
+                prof.stop()
+                self._profiler = False
+
     def train_step(self) -> StepResult:
         cfg = self.cfg
         self.step += 1
-        t0 = time.perf_counter()
-        tokens, labels = self.batches.next_batch(self.step)
-        lr = learning_rate(self.step, cfg.optimizer, cfg.train.steps)
-        result = train_step(self.engine, self.chunks, self.ctx, tokens, labels, cfg.train.micro_batch_size,
-                            lr, cfg.parallel.zero_stage)
-        tokens_per_s = cfg.train.global_batch_size * cfg.data.seq_length / (time.perf_counter() - t0)
+        self._profile_step()
+        with Timer(self.ctx.device) as timer:
+            batch = self.batches.next_batch(self.step)
+            if not isinstance(batch, Batch):  # a (tokens, labels) source
+                batch = Batch.of(*batch)
+            lr = learning_rate(self.step, cfg.optimizer, cfg.train.steps)
+            result = train_step(self.engine, self.chunks, self.ctx, batch, cfg.train.micro_batch_size,
+                                lr, cfg.parallel.zero_stage, self.carry)
+        tokens_per_s = cfg.train.global_batch_size * cfg.data.seq_length / timer.seconds
         if result.skipped:
             self.skipped_steps += 1
             self.consecutive_skips += 1
         else:
             self.consecutive_skips = 0
-        self.metrics.log(self.step, result, tokens_per_s, self.skipped_steps, cfg.train.steps)
+        self.metrics.log(self.step, result, tokens_per_s, self.skipped_steps, cfg.train.steps, timer.seconds)
+        if cfg.train.eval_steps and self.step % cfg.train.eval_interval == 0:
+            self.evaluate()
         limit = cfg.train.max_consecutive_skips
         if self.consecutive_skips >= limit:
             raise TrainingError(
@@ -67,14 +133,27 @@ class Trainer:
                 f"{self.step}, loss {result.loss}); stopping (train.max_consecutive_skips={limit}). Lower "
                 "optimizer.lr, check the data, or raise train.max_consecutive_skips"
             )
+        if self.step % cfg.checkpoint.interval == 0:
+            self.save_checkpoint()
         return result
 
     def train(self) -> list[StepResult]:
-        return [self.train_step() for _ in range(self.step, self.cfg.train.steps)]
+        """Train to train.steps (on from a resumed step); saves a checkpoint at the end."""
+        results = [self.train_step() for _ in range(self.step, self.cfg.train.steps)]
+        if self.checkpointer.last_saved_step != self.step:
+            self.save_checkpoint()
+        return results
+
+    def save_checkpoint(self) -> Path:
+        """Write run.dir/checkpoints/step_NNNNNNN for the current step (every rank calls this)."""
+        return self.checkpointer.save()
 
     def full_parameters(self):
         """The full model's parameters (gathered over TP and PP) on every rank."""
         return full_parameters(self.chunks, self.ctx)
 
     def close(self) -> None:
+        if getattr(self, "_profiler", None):  # a run shorter than the profiled steps
+            self._profiler.stop()
+            self._profiler = False
         self.metrics.close()

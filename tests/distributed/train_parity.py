@@ -34,6 +34,7 @@ BASE = [
     "train.steps=10", "train.micro_batch_size=1", "train.global_batch_size=8", "train.log_interval=100",
     "optimizer.warmup_steps=3", "optimizer.clip_grad=1.0", "optimizer.decay_style=cosine",
     "optimizer.min_lr=3.0e-4", "logging.tensorboard=false", "data.source=synthetic",
+    "checkpoint.resume=false",  # independent runs share run.dir: never resume each other
 ]
 
 

@@ -1,0 +1,221 @@
+"""Per-token decoding latency and memory against context length: RetNet's recurrent form vs
+the Transformer's KV cache, same width and depth, equal parameters (RetNet FFN 2d, Transformer 4d).
+
+    python bench/decoding.py [--quick] [--hidden 1024 --layers 4 --heads 8 --vocab 32000]
+
+For each batch size (1, 8) and context length L (1k .. 16k) the carried state is filled
+synthetically at length L (random RetNetState matrices; random KV caches of L keys) instead
+of by a slow prefill, then one-token steps are timed from it, the two models interleaved
+(RetNet step, Transformer step, alternating which goes first) so both see the same load.
+Latency is the minimum over the repetitions (the median is in the table too): on a shared
+machine the minimum estimates a step's own cost, the median mostly the other tenants'.
+
+Memory: the bytes each decoder holds (weights + state / KV cache, exact tensor sizes) and the
+measured growth of resident memory when its state was created (/proc/self/statm).
+Bytes read per token (the bound for memory-bound decoding): all weights but the embedding
+table (B rows of it), plus the whole KV cache (Transformer) or the retention states (RetNet).
+Beside each measured latency ratio the bytes ratio is printed.
+
+Goals: RetNet latency and memory flat (<= 1.1x from the shortest to the longest length);
+at the longest length the Transformer/RetNet latency ratio is >= 70% of the bytes ratio.
+Two Transformer decoders are timed: `transformer`, the model's own forward with its KVCache
+(which concatenates the cache for every token, so each step also copies the whole cache),
+and `transformer_prealloc`, the same layers and weights stepping over a cache preallocated
+to L + 1 (the new key/value written in place, attention reading the L + 1 keys without a
+copy; its logits are checked against the model's). The prealloc one is the bytes-bound
+competitor; the goal is checked against both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.report import OUT_DIR, emit, median, save_plot  # noqa: E402
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def nbytes(tensors) -> int:  # noqa: ANN001
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="hidden 256, 2 layers, L in 1k and 4k")
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--lengths", type=int, nargs="*", default=[1024, 2048, 4096, 8192, 16384])
+    ap.add_argument("--batches", type=int, nargs="*", default=[1, 8])
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared machine)")
+    ap.add_argument("--plot", default=str(OUT_DIR / "decoding.png"))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.hidden, args.layers, args.heads, args.vocab = 256, 2, 4, 2048
+        args.lengths, args.reps = [1024, 4096], 3
+
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(args.threads)
+    from megaret.config import ModelConfig, ParallelConfig
+    from megaret.models.attention_layer import KVCache
+    from megaret.models.factory import build_model
+    from megaret.models.retnet import RetNetState
+    from megaret.models.transformer import TransformerState
+    from megaret.parallel.context import build_parallel_context
+    from megaret.parallel.megatron_config import megatron_config
+
+    ctx = build_parallel_context(1, 1, seed=0)
+    d, nl, nh = args.hidden, args.layers, args.heads
+    common = dict(vocab_size=args.vocab, hidden_size=d, num_layers=nl, num_heads=nh, dropout=0.0)
+    cfgs = {"retnet": ModelConfig(arch="retnet", ffn_hidden_size=2 * d, **common),
+            "transformer": ModelConfig(arch="transformer", ffn_hidden_size=4 * d, **common)}
+    models = {}
+    for name, cfg in cfgs.items():
+        torch.manual_seed(0)
+        models[name] = build_model(cfg, megatron_config(cfg, ParallelConfig()), ctx.tp).eval()
+    params = {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()}
+    weight_bytes = {n: nbytes(m.parameters()) for n, m in models.items()}
+    embed_bytes = {n: nbytes([m.embedding.weight]) for n, m in models.items()}
+    ret = models["retnet"].layers[0].retention
+    hd = d // nh
+    print(f"parameters: retnet {params['retnet']:,}  transformer {params['transformer']:,}", file=sys.stderr)
+
+    def make_state(name: str, b: int, length: int):
+        g = torch.Generator().manual_seed(length)
+        if name == "retnet":
+            shape = (b, ret.local_heads, ret.key_dim, ret.value_dim)
+            return RetNetState([torch.randn(shape, generator=g) * 0.02 for _ in range(nl)], length)
+        kv = (b, nh, length + 1, hd)  # one free slot: the prealloc decoder writes the new token there
+        bufs = [(torch.randn(kv, generator=g), torch.randn(kv, generator=g)) for _ in range(nl)]
+        caches = [KVCache(k[:, :, :length], v[:, :, :length], torch.ones(b, length, dtype=torch.bool))
+                  for k, v in bufs]  # views of the same storage
+        return TransformerState(caches, length), bufs
+
+    def state_tensors(state) -> list:  # noqa: ANN001
+        if isinstance(state, RetNetState):
+            return list(state.layers)
+        return [t for c in state.layers for t in (c.k, c.v)]
+
+    @torch.no_grad()
+    def prealloc_step(bufs, length: int, tok):  # noqa: ANN001
+        """One token through the Transformer's layers with the cache preallocated to length + 1."""
+        m = models["transformer"]
+        x = m.embedding(tok.t().contiguous())  # (1, B, d)
+        for layer, (kb, vb) in zip(m.layers, bufs, strict=True):
+            a = layer.attention
+            q, k, v, scale = a.qkv(layer.attention_norm(x), length)  # (B, H, 1, D), rotated
+            kb[:, :, length] = k[:, :, 0]
+            vb[:, :, length] = v[:, :, 0]
+            o = F.scaled_dot_product_attention(q, kb, vb, scale=scale)  # (B, H, 1, D): sees all L + 1
+            x = x + a.out_proj(a.merge(o))[0]
+            x = x + layer.ffn(layer.ffn_norm(x))
+        return m.output(m.final_norm(x))[0].transpose(0, 1)  # (B, 1, V)
+
+    @torch.no_grad()
+    def step(name: str, state, tok):  # noqa: ANN001
+        if name == "retnet":
+            return models[name](tok, state=state, mode="recurrent").logits
+        if name == "transformer":
+            return models[name](tok, state=state).logits
+        return prealloc_step(state, state[0][0].shape[2] - 1, tok)
+
+    deciders = ["retnet", "transformer", "transformer_prealloc"]
+    rows = []
+    for b in args.batches:
+        tok = torch.randint(args.vocab, (b, 1))
+        for length in args.lengths:
+            states, grown = {}, {}
+            for name in models:
+                r0 = rss_bytes()
+                states[name] = make_state(name, b, length)
+                grown[name] = rss_bytes() - r0
+            states["transformer"], states["transformer_prealloc"] = states["transformer"]
+            grown["transformer_prealloc"] = grown["transformer"]
+            a = step("transformer", states["transformer"], tok)
+            p = step("transformer_prealloc", states["transformer_prealloc"], tok)
+            prealloc_err = ((a - p).abs().max() / a.abs().max()).item()
+            if prealloc_err > 1e-4:
+                raise AssertionError(f"the prealloc step disagrees with the model: {prealloc_err:.2e}")
+            times = {n: [] for n in deciders}
+            for rep in range(args.reps + 1):  # the first round warms up
+                for name in (deciders if rep % 2 else deciders[::-1]):
+                    t0 = time.perf_counter()
+                    step(name, states[name], tok)
+                    dt = time.perf_counter() - t0
+                    if rep:
+                        times[name].append(dt)
+            row = {"batch": b, "length": length, "prealloc_logits_rel_err": prealloc_err}
+            read = {}
+            for name in deciders:
+                row[f"{name}_ms"] = round(min(times[name]) * 1e3, 3)
+                row[f"{name}_median_ms"] = round(median(times[name]) * 1e3, 3)
+            for name in models:
+                sb = nbytes(state_tensors(states[name]))
+                read[name] = weight_bytes[name] - embed_bytes[name] + b * d * 4 + sb
+                row[f"{name}_state_mib"] = round(sb / 2**20, 2)
+                row[f"{name}_held_mib"] = round((weight_bytes[name] + sb) / 2**20, 1)
+                row[f"{name}_rss_growth_mib"] = round(grown[name] / 2**20, 1)
+                row[f"{name}_read_mib"] = round(read[name] / 2**20, 1)
+            row["bytes_ratio"] = round(read["transformer"] / read["retnet"], 3)
+            for name, key in (("transformer", ""), ("transformer_prealloc", "_prealloc")):
+                row[f"latency_ratio{key}"] = round(row[f"{name}_ms"] / row["retnet_ms"], 3)
+                row[f"latency_over_bytes{key}"] = round(row[f"latency_ratio{key}"] / row["bytes_ratio"], 3)
+            rows.append(row)
+            print(f"B={b} L={length:>6}: retnet {row['retnet_ms']:8.2f} ms  "
+                  f"transformer {row['transformer_ms']:9.2f} ms "
+                  f"(prealloc {row['transformer_prealloc_ms']:9.2f})"
+                  f"  latency ratio {row['latency_ratio']:6.2f} ({row['latency_ratio_prealloc']:6.2f})"
+                  f"  bytes ratio {row['bytes_ratio']:6.2f}", file=sys.stderr, flush=True)
+            del states
+
+    lo, hi = min(args.lengths), max(args.lengths)
+    pairs: dict = {}
+    for b in args.batches:
+        r_lo = next(r for r in rows if r["batch"] == b and r["length"] == lo)
+        r_hi = next(r for r in rows if r["batch"] == b and r["length"] == hi)
+        pairs[f"b{b}_retnet_latency_growth"] = r_hi["retnet_ms"] / r_lo["retnet_ms"]
+        pairs[f"b{b}_retnet_memory_growth"] = r_hi["retnet_held_mib"] / r_lo["retnet_held_mib"]
+        pairs[f"b{b}_bytes_ratio_at_{hi}"] = r_hi["bytes_ratio"]
+        pairs[f"b{b}_latency_ratio_at_{hi}"] = r_hi["latency_ratio"]
+        pairs[f"b{b}_latency_ratio_prealloc_at_{hi}"] = r_hi["latency_ratio_prealloc"]
+        pairs[f"b{b}_latency_over_bytes"] = r_hi["latency_over_bytes"]
+        pairs[f"b{b}_latency_over_bytes_prealloc"] = r_hi["latency_over_bytes_prealloc"]
+    flat = all(pairs[f"b{b}_retnet_latency_growth"] <= 1.1 and pairs[f"b{b}_retnet_memory_growth"] <= 1.1
+               for b in args.batches)
+    pairs["goal_retnet_flat"] = "pass" if flat else "FAIL"
+    for key in ("", "_prealloc"):
+        pairs[f"goal_70pct_of_bytes_ratio{key}"] = "pass" if all(
+            pairs[f"b{b}_latency_over_bytes{key}"] >= 0.7 for b in args.batches) else "FAIL"
+
+    def series(key: str, names) -> dict:  # noqa: ANN001
+        return {f"{m} B={b}": ([r["length"] for r in rows if r["batch"] == b],
+                               [r[f"{m}_{key}"] for r in rows if r["batch"] == b])
+                for b in args.batches for m in names}
+
+    plot = save_plot(Path(args.plot), [
+        {"title": "per-token latency", "xlabel": "context length", "ylabel": "ms",
+         "series": series("ms", deciders)},
+        {"title": "memory held (weights + state/cache)", "xlabel": "context length", "ylabel": "MiB",
+         "series": series("held_mib", models)},
+    ], f"decoding, CPU fp32, hidden {d}, {nl} layers, {nh} heads")
+    result = {"bench": "decoding", "config": vars(args), "parameters": params, "table": rows, "plot": plot,
+              "summary": pairs}
+    emit("decoding", result, pairs)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""On-disk checkpoint directories: naming, atomic publication, manifests, verification, pruning.
+
+Layout of ``run.dir/checkpoints``::
+
+    latest                    the name of the newest published checkpoint (written atomically)
+    step_0000010/             one directory per saved step, renamed into place when complete
+        manifest.json         sha256 + size of every other file, layout, counters, resolved config
+        rank_00000.pt         per-rank state: RNG, data-loader position, carried recurrent state
+        ds/mp_rank_00_model_states.pt                       DeepSpeed: model (one per TP x PP rank)
+        ds/zero_pp_rank_0_mp_rank_00_optim_states.pt        DeepSpeed: ZeRO shard (per DP x MP rank)
+        zero_to_fp32.py       DeepSpeed's recovery script
+    .tmp-step_0000012/        a save in progress (never read; removed by the next save)
+
+Nothing here needs a process group: the trainer calls it from rank 0, the exporter offline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+LATEST = "latest"
+FORMAT_VERSION = 1
+_STEP_RE = re.compile(r"^step_(\d{7,})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt, partial or incompatible with this run."""
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's (or a directory's entries') data to stable storage."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: str) -> None:
+    """Write text to `path` so readers see either the old or the whole new content."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+def hash_tree(root: Path) -> dict[str, dict[str, Any]]:
+    """{relative path: {sha256, size}} of every file under root except the manifest; fsyncs each."""
+    files = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            fsync_path(p)
+            files[p.relative_to(root).as_posix()] = {"sha256": sha256_file(p), "size": p.stat().st_size}
+    for d in sorted({p.parent for p in root.rglob("*")} | {root}):
+        fsync_path(d)
+    return files
+
+
+def publish(tmp: Path, final: Path, manifest: dict[str, Any]) -> None:
+    """Write the manifest into the finished temporary directory and rename it to `final`.
+
+    An existing `final` (a checkpoint of the same step from an earlier attempt) is moved aside
+    first and removed only after the new one is in place; `latest` is updated last.
+    """
+    manifest = dict(manifest, files=hash_tree(tmp))
+    write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=False))
+    trash = None
+    if final.exists():
+        trash = final.with_name(f".old-{final.name}")
+        if trash.exists():
+            shutil.rmtree(trash)
+        os.replace(final, trash)
+    os.replace(tmp, final)
+    fsync_path(final.parent)
+    write_atomic(final.parent / LATEST, final.name + "\n")
+    if trash is not None:
+        shutil.rmtree(trash)
+
+
+def recover(root: Path) -> list[str]:
+    """Tidy up after writers that died (call at start, before any save): drop unpublished
+    ``.tmp-*`` directories; put back a checkpoint moved aside (``.old-*``) whose replacement
+    never arrived. Returns what was done."""
+    done = []
+    if not root.is_dir():
+        return done
+    for p in sorted(root.iterdir()):
+        if p.name.startswith(".tmp-") and p.is_dir():
+            shutil.rmtree(p)
+            done.append(f"removed the unfinished save {p}")
+        elif p.name.startswith(".old-") and p.is_dir():
+            final = root / p.name[len(".old-"):]
+            if final.exists():
+                shutil.rmtree(p)
+            else:
+                os.replace(p, final)
+                done.append(f"restored {final} (its replacement was never published)")
+    return done
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Published checkpoint directories under root, oldest first."""
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m and p.is_dir():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def read_manifest(ckpt: Path) -> dict[str, Any]:
+    path = ckpt / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: the checkpoint is partial (an interrupted save?)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is unreadable: {exc}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise CheckpointError(f"{path} has no 'files' table")
+    return manifest
+
+
+def verify(ckpt: Path) -> dict[str, Any]:
+    """The manifest of `ckpt` after checking every listed file's size and sha256.
+
+    Raises CheckpointError naming the first bad file.
+    """
+    manifest = read_manifest(ckpt)
+    for rel, want in manifest["files"].items():
+        path = ckpt / rel
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing (listed in {ckpt / MANIFEST})")
+        size = path.stat().st_size
+        if size != want["size"]:
+            raise CheckpointError(f"{path} has {size} bytes, the manifest says {want['size']} (truncated?)")
+        digest = sha256_file(path)
+        if digest != want["sha256"]:
+            raise CheckpointError(f"{path} has sha256 {digest[:16]}..., the manifest says "
+                                  f"{want['sha256'][:16]}... (its bytes changed)")
+    return manifest
+
+
+@dataclass
+class Selection:
+    path: Path | None  # the newest checkpoint that verifies; None when there is none
+    manifest: dict[str, Any] | None
+    messages: list[str]  # one line per rejected checkpoint, then which one is used
+
+
+def select_newest_valid(root: Path) -> Selection:
+    """Walk the checkpoints newest first; the first that verifies is used, each one skipped is reported."""
+    messages, rejected = [], []
+    for _, ckpt in reversed(list_checkpoints(root)):
+        try:
+            manifest = verify(ckpt)
+        except CheckpointError as exc:
+            rejected.append(ckpt.name)
+            messages.append(f"checkpoint {ckpt.name} is unusable: {exc}")
+            continue
+        if rejected:
+            messages.append(f"resuming from the previous checkpoint {ckpt.name} instead of "
+                            f"{', '.join(rejected)}")
+        return Selection(ckpt, manifest, messages)
+    if rejected:
+        messages.append(f"no usable checkpoint in {root} ({', '.join(rejected)} rejected): "
+                        "starting from step 0")
+    return Selection(None, None, messages)
+
+
+def resolve(path: Path) -> Path:
+    """A checkpoint directory from a step directory, a checkpoints/ root or a run directory
+    (the newest valid checkpoint of the latter two)."""
+    path = Path(path)
+    if (path / MANIFEST).is_file() or _STEP_RE.match(path.name):
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    sel = select_newest_valid(root)
+    if sel.path is None:
+        raise CheckpointError(f"no valid checkpoint under {path}" + "".join(f"; {m}" for m in sel.messages))
+    return sel.path
+
+
+def to_prune(steps: list[int], keep_last: int, keep_every: int | None) -> list[int]:
+    """Steps to delete: all but the newest `keep_last` and the multiples of `keep_every`."""
+    keep = set(sorted(steps)[-keep_last:]) if keep_last > 0 else set()
+    if keep_every:
+        keep |= {s for s in steps if s % keep_every == 0}
+    return sorted(s for s in steps if s not in keep)
+
+
+def prune(root: Path, keep_last: int, keep_every: int | None, newest: int) -> list[Path]:
+    """Apply the keep policy to the checkpoints up to step `newest` (the one just saved, always
+    kept). Later ones are left alone: they were rejected at resume and are replaced when this run
+    saves their step again."""
+    ckpts = {s: p for s, p in list_checkpoints(root) if s <= newest}
+    removed = []
+    for s in to_prune(list(ckpts), keep_last, keep_every):
+        shutil.rmtree(ckpts[s])
+        removed.append(ckpts[s])
+    return removed

@@ -1,0 +1,199 @@
+"""Autoregressive generation that carries each model's state instead of recomputing the past.
+
+    ids = generate(model, prompt_ids, max_new_tokens=64, temperature=0.8, top_p=0.9, seed=0)
+
+One decoder per architecture, each exact (the tests compare it with a full forward pass):
+
+- RetNet: the prompt is prefilled with the chunkwise form (`mode="chunk"`), then every new
+  token is one step of the recurrent form (`mode="recurrent"`) on the carried RetNetState:
+  O(1) time and memory per token whatever the context length.
+- Transformer (causal or sliding): the prompt fills the KV cache, then one token per call;
+  the causal cache grows with the context, the sliding one keeps the window.
+- Block-Recurrent Transformer: its recurrent layer only takes block-aligned calls, and the
+  state of block i is needed by every token of block i + 1. The decoder keeps the state at
+  the last completed block boundary and re-runs the current partial block (padded to W
+  tokens; the padding sits after the read position, so causality keeps it invisible) from
+  that state at each token. That costs O(W) per token, is exact, and when the block fills
+  up its output state becomes the new boundary state.
+
+Logits are vocab-parallel; `model.gather_logits` assembles the full vocabulary on every TP
+rank, and every rank samples with the same seeded generator, so ranks agree on the tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """logits: (B, V) -> next ids (B,). Greedy (or temperature 0) takes the argmax; otherwise
+    softmax(logits / temperature) restricted to the top_k ids and to the smallest set whose
+    probability reaches top_p (nucleus), sampled with `generator`."""
+    logits = logits.float()
+    if greedy or temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0.0 < top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # mass before this id already reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+class Decoder:
+    """Feeds tokens to a model with its carried state; returns the next-token logits (B, V)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.state: Any = None
+
+    def _last_logits(self, logits: torch.Tensor, index: int = -1) -> torch.Tensor:
+        """(B, T, V / tp) -> the full-vocabulary logits (B, V) at position `index`."""
+        return self.model.gather_logits(logits[:, index:][:, :1].contiguous())[:, 0]
+
+    def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class RetNetDecoder(Decoder):
+    """Chunkwise prefill, then O(1) recurrent steps on the carried RetNetState."""
+
+    def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
+        out = self.model(prompt, state=self.state, mode="chunk")
+        self.state = out.state
+        return self._last_logits(out.logits)
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        out = self.model(token[:, None], state=self.state, mode="recurrent")
+        self.state = out.state
+        return self._last_logits(out.logits)
+
+
+class CachedDecoder(Decoder):
+    """Transformer (causal or sliding): the KV cache carries the context."""
+
+    def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
+        out = self.model(prompt, state=self.state)
+        self.state = out.state
+        return self._last_logits(out.logits)
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        return self.prefill(token[:, None])
+
+
+class BlockDecoder(Decoder):
+    """BRT: state at the last block boundary plus the tokens of the current partial block."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.block = model.cfg.block_size
+        self.pending: torch.Tensor | None = None  # (B, r) tokens after the boundary, r < W
+
+    def _feed(self, tokens: torch.Tensor) -> torch.Tensor:
+        w = self.block
+        buf = tokens if self.pending is None else torch.cat([self.pending, tokens], dim=1)
+        full = buf.shape[1] // w * w
+        logits = None
+        if full:  # whole blocks advance the boundary state
+            out = self.model(buf[:, :full], state=self.state)
+            self.state = out.state
+            logits = out.logits
+        rest = buf[:, full:]
+        self.pending = rest if rest.shape[1] else None
+        if self.pending is None:
+            return self._last_logits(logits)
+        r = rest.shape[1]
+        pad = rest.new_zeros(rest.shape[0], w - r)  # after position r - 1: never attended by it
+        out = self.model(torch.cat([rest, pad], dim=1), state=self.state)  # the boundary state is kept
+        return self._last_logits(out.logits, r - 1)
+
+    def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
+        return self._feed(prompt)
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        return self._feed(token[:, None])
+
+
+def make_decoder(model: nn.Module) -> Decoder:
+    """The exact, state-carrying decoder for model.cfg.arch."""
+    arch = model.cfg.arch
+    if arch == "retnet":
+        return RetNetDecoder(model)
+    if arch in ("transformer", "sliding"):
+        return CachedDecoder(model)
+    if arch == "brt":
+        return BlockDecoder(model)
+    raise ValueError(f"generate: no decoder for model.arch={arch!r}")
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    greedy: bool = False,
+    seed: int | None = None,
+    stream: Callable[[torch.Tensor], None] | None = None,
+    eos_id: int | None = None,
+    vocab_size: int | None = None,
+) -> torch.Tensor:
+    """prompt_ids: (B, T0) with T0 >= 1 -> (B, T0 + n) ids, n <= max_new_tokens.
+
+    stream(ids (B,)) is called with each new token as soon as it is chosen. With eos_id set,
+    a sample that produced it keeps producing it, and generation stops once all samples have.
+    vocab_size: sample only ids below it (a tokenizer smaller than the model's vocabulary).
+    The model is put in eval mode (no dropout) for the call and restored afterwards.
+    """
+    if prompt_ids.dim() != 2 or prompt_ids.shape[1] < 1:
+        raise ValueError(f"prompt_ids must be (B, T0) with T0 >= 1, got {tuple(prompt_ids.shape)}")
+    device = next(model.parameters()).device
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    try:
+        decoder = make_decoder(model)
+        ids = prompt_ids.to(device)
+        logits = decoder.prefill(ids)
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
+        new = []
+        for i in range(max_new_tokens):
+            if vocab_size is not None:
+                logits[:, vocab_size:] = float("-inf")
+            token = sample_next(logits, temperature, top_k, top_p, greedy, generator)
+            if eos_id is not None:
+                token = torch.where(done, torch.full_like(token, eos_id), token)
+                done |= token == eos_id
+            new.append(token)
+            if stream is not None:
+                stream(token)
+            if i + 1 == max_new_tokens or (eos_id is not None and bool(done.all())):
+                break
+            logits = decoder.step(token)
+        return torch.cat([ids, torch.stack(new, dim=1)], dim=1) if new else ids
+    finally:
+        model.train(was_training)

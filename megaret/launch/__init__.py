@@ -1,0 +1,1 @@
+"""Launching runs: planning (layout, parameters, memory) and SLURM / local submission."""

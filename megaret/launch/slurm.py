@@ -1,0 +1,156 @@
+"""submitit glue: the job's task function, the executor built from `launch`, and its sbatch script.
+
+The job runs `TrainTask`, which sets up torch.distributed's variables from submitit's
+`JobEnvironment` and calls the trainer entry's `main(argv)` in the task's own process (one
+per GPU: `tasks_per_node` tasks on each of `nodes` nodes).
+
+Requeue. `TrainTask` is a `submitit.helpers.Checkpointable`: when SLURM sends USR2 before the
+time limit (submitit asks for `--signal=USR2@90`) or someone runs `scancel --signal=USR2`,
+submitit calls `TrainTask.checkpoint()`, which resubmits the same task; the new run resumes
+from the newest checkpoint in run.dir (`checkpoint.resume=true`). Preemption and
+`scontrol requeue` send SIGTERM/SIGKILL instead, so only the checkpoints the trainer writes
+every `checkpoint.interval` steps survive those.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import submitit
+from submitit.helpers import Checkpointable, DelayedSubmission
+
+from megaret.config import Config, LaunchConfig
+
+#: The module whose `main(argv) -> int | None` the job runs (`python -m TRAIN_ENTRY --config ...`).
+#: "megaret.smoke" is the stand-in the trainer replaced.
+TRAIN_ENTRY = "megaret.train"
+
+
+def entry_main(entry: str = TRAIN_ENTRY) -> Callable[[list[str]], Any]:
+    """`main` of a module, or of its package's `__main__`."""
+    module = importlib.import_module(entry)
+    main = getattr(module, "main", None)
+    if main is None:
+        main = importlib.import_module(f"{entry}.__main__").main
+    return main
+
+
+class TrainTask(Checkpointable):
+    """The submitted callable: one call per task; USR2 requeues it (see the module docstring)."""
+
+    def __init__(self, config: str, overrides: list[str], entry: str = TRAIN_ENTRY) -> None:
+        self.config = config
+        self.overrides = list(overrides)
+        self.entry = entry
+
+    def __call__(self) -> int:
+        env = submitit.JobEnvironment()
+        # RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT for env:// (overwrite: a
+        # requeued or nested job must not keep a stale rank). CUDA_VISIBLE_DEVICES stays as
+        # SLURM set it: the context picks the device by LOCAL_RANK.
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        argv = ["--config", self.config, *self.overrides]
+        print(
+            f"task {env.global_rank}/{env.num_tasks} on {env.hostname}: python -m {self.entry} "
+            f"{shlex.join(argv)}",
+            flush=True,
+        )
+        rc = entry_main(self.entry)(argv)
+        if rc not in (None, 0):
+            raise RuntimeError(f"python -m {self.entry} exited with status {rc} (task {env.global_rank})")
+        return 0
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
+        # The trainer resumes from run.dir by itself: resubmitting the same call is enough.
+        return DelayedSubmission(self, *args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# executor parameters and the sbatch script
+
+
+def slurm_parameters(launch: LaunchConfig, job_name: str) -> dict[str, Any]:
+    """`launch` as submitit SlurmExecutor parameters (sbatch option names)."""
+    params: dict[str, Any] = {
+        "job_name": job_name, "time": launch.time_min, "nodes": launch.nodes,
+        "ntasks_per_node": launch.resolved_tasks_per_node, "cpus_per_task": launch.cpus_per_task,
+        "gpus_per_node": launch.gpus_per_node,
+    }  # fmt: skip
+    if launch.mem_gb is not None:
+        params["mem"] = f"{launch.mem_gb}GB"
+    for key in ("partition", "account", "qos", "constraint"):
+        if getattr(launch, key) is not None:
+            params[key] = getattr(launch, key)
+    if launch.extra_sbatch:
+        # "" is a bare flag (--exclusive); submitit writes True as one
+        params["additional_parameters"] = {
+            k.lstrip("-"): (v if v != "" else True) for k, v in launch.extra_sbatch.items()
+        }
+    return params
+
+
+def job_folder(cfg: Config) -> Path:
+    """submitit's folder: pickles and per-task logs (%j = job id, %t = task)."""
+    return Path(cfg.run.dir) / "submitit"
+
+
+def sbatch_script(cfg: Config) -> str:
+    """The sbatch file SlurmExecutor would submit for this config (no SLURM needed)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    folder = job_folder(cfg)
+    command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
+    return _make_sbatch_string(command=command, folder=folder, **slurm_parameters(cfg.launch, job_name(cfg)))
+
+
+def job_name(cfg: Config) -> str:
+    return cfg.run.name or Path(cfg.run.dir).name or "megaret"
+
+
+def slurm_available() -> tuple[bool, str]:
+    """(True, "") when sbatch is on PATH and `sinfo` answers; else (False, why not)."""
+    if shutil.which("sbatch") is None:
+        return False, "no sbatch on PATH"
+    try:
+        proc = subprocess.run(["sinfo", "-h"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return False, f"sinfo failed: {exc}"
+    if proc.returncode != 0:
+        return False, f"sinfo failed: {(proc.stderr or proc.stdout).strip()[:200]}"
+    return True, ""
+
+
+def make_executor(cfg: Config, local: bool) -> submitit.Executor:
+    """SlurmExecutor from `launch`, or LocalExecutor (one node, the same tasks) on this machine."""
+    folder = job_folder(cfg)
+    la = cfg.launch
+    if local:
+        if la.nodes != 1:
+            raise ValueError(
+                f"--local runs on this one machine but launch.nodes={la.nodes}; set launch.nodes=1"
+            )
+        executor = submitit.LocalExecutor(folder=folder)
+        executor.update_parameters(
+            timeout_min=la.time_min, tasks_per_node=la.resolved_tasks_per_node, nodes=1
+        )
+        return executor
+    executor = submitit.SlurmExecutor(folder=folder)
+    executor.update_parameters(**slurm_parameters(la, job_name(cfg)))
+    return executor
+
+
+def submit(
+    cfg: Config, config_path: str, overrides: list[str], local: bool, entry: str = TRAIN_ENTRY
+) -> submitit.Job:
+    """Submit the training job; the task gets the same config file and overrides."""
+    executor = make_executor(cfg, local)
+    return executor.submit(TrainTask(config_path, overrides, entry))

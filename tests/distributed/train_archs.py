@@ -1,0 +1,187 @@
+"""Launched by tests/test_train_archs.py: the trainer for BRT and the Transformer baseline, and
+document resets in packed samples (RetNet).
+
+    train_archs.py reference OUT RUN_DIR   (1 rank)  one-process runs of both archs, saved to OUT;
+                                                      also a plain torch loop per arch and the
+                                                      doc-reset first-step check
+    train_archs.py layouts REF RUN_DIR     (4 ranks) (TP, PP, DP) = (2, 2, 1), (1, 1, 4), (2, 1, 2) ZeRO-1
+                                                      for both archs against the saved runs
+
+Rank 0 prints one line `RESULT {json}`; the pytest side asserts on it.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from megaret.config import load_config
+from megaret.models.factory import build_model
+from megaret.parallel.megatron_config import megatron_config
+from megaret.train.batches import Batch, SyntheticBatches
+from megaret.train.engine import _param_groups
+from megaret.train.schedule import learning_rate
+from megaret.train.trainer import Trainer
+
+COMMON = [
+    "model.vocab_size=128", "data.seq_length=32", "data.source=synthetic",
+    "train.steps=10", "train.micro_batch_size=1", "train.global_batch_size=8", "train.log_interval=100",
+    "train.eval_steps=0", "optimizer.warmup_steps=3", "optimizer.clip_grad=1.0",
+    "optimizer.decay_style=cosine", "optimizer.min_lr=3.0e-4", "logging.tensorboard=false",
+    "checkpoint.resume=false", "checkpoint.interval=1000",
+]
+ARCHS = {
+    # 4 layers (PP=2: layers 0-1 with the recurrent layer 1, and 2-3), blocks of 16, segments of 32
+    "brt": ("configs/brt-tiny.yaml", ["model.num_layers=4", "model.recurrent_layers=[1]"]),
+    "transformer": ("configs/transformer-tiny.yaml", ["model.num_layers=2"]),
+}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def norm_rel(a: dict, b: dict) -> float:
+    num = sum((a[k].double() - b[k].double()).pow(2).sum() for k in b)
+    return (num / sum(b[k].double().pow(2).sum() for k in b)).sqrt().item()
+
+
+def compare(losses, params, ref_losses, ref_params) -> dict:
+    assert params.keys() == ref_params.keys(), sorted(set(params) ^ set(ref_params))
+    return {
+        "loss_rel": max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses, strict=True)),
+        "param_rel_norm": norm_rel(params, ref_params),
+        "param_rel_max": max(rel(params[k], ref_params[k]) for k in ref_params),
+    }
+
+
+def config(arch: str, overrides: list[str]):
+    path, extra = ARCHS[arch]
+    return load_config(path, [*COMMON, *extra, *overrides])
+
+
+def run_trainer(arch: str, overrides: list[str]):
+    """Train with the trainer, step by step (no checkpoint writing: that is another test's)."""
+    trainer = Trainer(config(arch, overrides))
+    init = trainer.full_parameters()
+    results = [trainer.train_step() for _ in range(trainer.cfg.train.steps)]
+    params = trainer.full_parameters()
+    trainer.close()
+    return trainer, [r.loss for r in results], params, init
+
+
+def plain_torch(cfg, tp) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """The same training written directly: full model, torch AdamW, clip_grad_norm_, no DeepSpeed."""
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, megatron_config(cfg.model, cfg.parallel), tp)
+    o = cfg.optimizer
+    opt = torch.optim.AdamW(_param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    data = SyntheticBatches(cfg.model.vocab_size, cfg.data.seq_length, cfg.train.global_batch_size, 1, 0,
+                            cfg.train.seed)
+    losses = []
+    for step in range(1, cfg.train.steps + 1):
+        for g in opt.param_groups:
+            g["lr"] = learning_rate(step, o, cfg.train.steps)
+        x, y = data.next_batch(step)
+        opt.zero_grad()
+        total = 0.0
+        n = x.shape[0]
+        for xm, ym in zip(x.split(1), y.split(1), strict=True):
+            loss = model(xm, ym).loss.mean() / n
+            loss.backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
+        opt.step()
+        losses.append(total)
+    return losses, {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+class PackedDocs:
+    """Every sample packs documents of fixed lengths (crossing chunk boundaries); doc_start marks
+    their first tokens; each document's labels are its own next tokens."""
+
+    LENGTHS = [(5, 14, 13), (16, 16), (1, 20, 11), (32,), (9, 7, 16), (3, 3, 26), (31, 1), (12, 12, 8)]
+
+    def __init__(self, vocab: int) -> None:
+        g = torch.Generator().manual_seed(7)
+        self.docs = [[torch.randint(vocab, (n + 1,), generator=g) for n in row] for row in self.LENGTHS]
+
+    def next_batch(self, step: int) -> Batch:
+        tokens = torch.stack([torch.cat([d[:-1] for d in row]) for row in self.docs])  # (8, 32)
+        labels = torch.stack([torch.cat([d[1:] for d in row]) for row in self.docs])
+        doc_start = torch.zeros(tokens.shape, dtype=torch.bool)
+        for b, row in enumerate(self.docs):
+            starts = torch.tensor([0] + [len(d) - 1 for d in row[:-1]]).cumsum(0)
+            doc_start[b, starts] = True
+        return Batch(tokens, labels, torch.ones(tokens.shape), doc_start=doc_start)
+
+
+def doc_reset_check(run_dir: str) -> dict:
+    """RetNet trained with data.reset_at_doc_boundaries on a packed batch: the first step's loss
+    equals the mean loss of every document run separately through the initial model."""
+    base = [*COMMON, "model.chunk_size=16", "train.steps=1", f"run.dir={run_dir}/docreset"]
+    out = {}
+    for on in (True, False):
+        cfg = load_config("configs/tiny.yaml", [*base, f"data.reset_at_doc_boundaries={str(on).lower()}"])
+        src = PackedDocs(cfg.model.vocab_size)
+        trainer = Trainer(cfg, batches=src)
+        out["trainer_on" if on else "trainer_off"] = trainer.train_step().loss
+        trainer.close()
+        tp = trainer.ctx.tp
+        del trainer
+        gc.collect()
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, megatron_config(cfg.model, cfg.parallel), tp)
+    with torch.no_grad():
+        per_doc = [model(d[None, :-1], d[None, 1:]).loss for row in src.docs for d in row]
+    out["separate"] = torch.cat([x.reshape(-1) for x in per_doc]).double().mean().item()
+    return out
+
+
+def reference(out: str, run_dir: str) -> dict:
+    ref, report = {}, {}
+    for arch in ARCHS:
+        trainer, losses, params, init = run_trainer(arch, [f"run.dir={run_dir}/{arch}-ref"])
+        ref[arch] = {"losses": losses, "params": params, "init": init}
+        plain_losses, plain_params = plain_torch(trainer.cfg, trainer.ctx.tp)
+        report[arch] = {"plain_torch": compare(losses, params, plain_losses, plain_params),
+                        "initial_loss": losses[0], "final_loss": losses[-1],
+                        "moved_norm": norm_rel(params, init)}
+        del trainer
+        gc.collect()
+    torch.save(ref, out)
+    report["doc_reset"] = doc_reset_check(run_dir)
+    return report
+
+
+def layouts(ref_path: str, run_dir: str) -> dict:
+    ref = torch.load(ref_path)
+    report = {}
+    for arch in ARCHS:
+        for tp, pp in ((2, 2), (1, 1), (2, 1)):
+            trainer, losses, params, init = run_trainer(arch, [
+                f"parallel.tensor={tp}", f"parallel.pipeline={pp}", "parallel.zero_stage=1",
+                f"run.dir={run_dir}/{arch}-tp{tp}-pp{pp}"])
+            entry = compare(losses, params, ref[arch]["losses"], ref[arch]["params"])
+            entry["init_rel"] = max(rel(init[k], ref[arch]["init"][k]) for k in ref[arch]["init"])
+            report[f"{arch}-tp{tp}-pp{pp}-dp{trainer.ctx.dp_size}-zero1"] = entry
+            del trainer
+            gc.collect()
+    return report
+
+
+def main() -> None:
+    what = sys.argv[1]
+    report = reference(sys.argv[2], sys.argv[3]) if what == "reference" else layouts(sys.argv[2], sys.argv[3])
+    if dist.get_rank() == 0:
+        print("RESULT " + json.dumps(report), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
