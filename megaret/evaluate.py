@@ -2,6 +2,10 @@
 
     python -m megaret.evaluate --config configs/tiny.yaml [--weights model.pt] \\
         [--data DIR_OR_MANIFEST] [--context 16384] [--chunk 2048] [--max-docs 50] [key=value ...]
+    python -m megaret.evaluate --checkpoint runs/tiny [...]   # config from the checkpoint
+
+--checkpoint (a step, checkpoints/ or run directory) is consolidated in memory as by
+`megaret.export`; its manifest supplies the config, so --config is optional.
 
 Documents of the split (default valid) are reassembled from the shards (--data, default the
 configured data.paths or the embedded default corpus), truncated to --context tokens and
@@ -16,42 +20,31 @@ import itertools
 import json
 import math
 
-from megaret.config import load_config
 from megaret.data import open_split, resolve_manifests
-from megaret.generate import load_weights
+from megaret.generate import add_model_args, load_model
 from megaret.infer.evaluate import evaluate_documents, iter_documents
-from megaret.models.factory import build_model
-from megaret.parallel.context import build_parallel_context, destroy_parallel_context
-from megaret.parallel.megatron_config import megatron_config
+from megaret.parallel.context import destroy_parallel_context
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--weights", help="consolidated torch.save(model.state_dict()) file")
+    add_model_args(parser)
     parser.add_argument("--data", help="shard directory or manifest (default: the configured data)")
     parser.add_argument("--split", default="valid")
     parser.add_argument("--context", type=int, default=16384, help="tokens scored per document at most")
     parser.add_argument("--chunk", type=int, default=None, help="tokens per call (default data.seq_length)")
     parser.add_argument("--max-docs", type=int, default=None)
     parser.add_argument("--min-doc-tokens", type=int, default=2,
-                        help="skip shorter documents (e.g. = --context to score only full-length ones)")
+                        help="skip documents of at most this many tokens (--context: full-length only)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    if cfg.parallel.tensor != 1 or cfg.parallel.pipeline != 1:
-        raise SystemExit("megaret.evaluate runs one process: set parallel.tensor=1 parallel.pipeline=1")
-    ctx = build_parallel_context(1, 1, seed=cfg.train.seed)
-    model = build_model(cfg.model, megatron_config(cfg.model, cfg.parallel), ctx.tp).to(ctx.device)
-    if args.weights:
-        load_weights(model, args.weights)
+    cfg, model, ctx = load_model(args, "megaret.evaluate")
     shards = open_split(args.data or resolve_manifests(cfg)[0], args.split, tokenizer=cfg.data.tokenizer)
     long_enough = (d for d in iter_documents(shards) if len(d) > args.min_doc_tokens)
     docs = itertools.islice(long_enough, args.max_docs)  # --max-docs counts scored documents
     chunk = args.chunk or cfg.data.seq_length
-    result = evaluate_documents(model, docs, args.context, chunk, min_tokens=args.min_doc_tokens + 1,
-                                device=ctx.device)
+    result = evaluate_documents(model, docs, args.context, chunk, device=ctx.device)
     summary = result.summary()
     summary.update(arch=cfg.model.arch, context=args.context, chunk=chunk, split=args.split)
     print(f"{'positions':>16} {'tokens':>10} {'loss':>8} {'ppl':>10}")

@@ -22,12 +22,15 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from megaret.checkpoint.files import CheckpointError, resolve, verify
 from megaret.checkpoint.safe import safe_load
+from megaret.config import Config
+from megaret.config.loader import apply_overrides, config_from_dict
 
 
 def consolidate(checkpoint: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict]:
@@ -64,6 +67,23 @@ def consolidate(checkpoint: str | os.PathLike[str]) -> tuple[dict[str, torch.Ten
                 raise CheckpointError(f"{ckpt}: no TP rank {sorted(missing)} shard of {name}")
             out[name] = torch.cat([parts[r] for r in range(lay["tensor"])], dim=dims[name])
     return out, manifest
+
+
+def checkpoint_config(manifest: dict, overrides: Sequence[str] = ()) -> Config:
+    """The resolved config a checkpoint was trained with, laid out for one process (consolidated
+    weights: parallel.tensor=pipeline=1), then `overrides` (``section.key=value``)."""
+    one = ["parallel.tensor=1", "parallel.pipeline=1", "parallel.virtual_pipeline=null",
+           "parallel.sequence_parallel=false"]
+    return config_from_dict(apply_overrides(manifest["config"], [*one, *overrides]))
+
+
+def load_checkpoint(
+    checkpoint: str | os.PathLike[str], overrides: Sequence[str] = ()
+) -> tuple[dict[str, torch.Tensor], Config, dict]:
+    """(consolidated fp32 state dict, one-process config, manifest) of a checkpoint, a
+    checkpoints/ or a run directory, in memory (megaret.generate / megaret.evaluate --checkpoint)."""
+    state, manifest = consolidate(checkpoint)
+    return state, checkpoint_config(manifest, overrides), manifest
 
 
 def export(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:

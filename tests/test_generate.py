@@ -51,8 +51,8 @@ def decoded_logits(model, ids: torch.Tensor) -> list[torch.Tensor]:
 def test_retnet_recurrent_decoding_matches_parallel_recompute(ctx1):
     cfg, model = build(ctx1, "tiny")
     x = prompt(cfg, t=21)  # not a multiple of the chunk (16): prefill crosses a chunk boundary
-    got = generate(model, x, 40, greedy=True)
-    want, want_logits = greedy_recompute(model, x, 40, mode="parallel")
+    got = generate(model, x, 24, greedy=True)
+    want, want_logits = greedy_recompute(model, x, 24, mode="parallel")
     assert torch.equal(got, want)
     # the logits themselves agree (not only their argmax): token by token from position 0
     dec = decoded_logits(model, want)
@@ -80,7 +80,7 @@ def test_retnet_decoder_uses_the_recurrent_step(ctx1, monkeypatch):
 def test_transformer_kv_cache_generation_matches_recompute(ctx1, name):
     cfg, model = build(ctx1, name)
     x = prompt(cfg, t=9)
-    n = 40 if name == "transformer-tiny" else 3 * cfg.model.block_size  # the window slides
+    n = 24 if name == "transformer-tiny" else 2 * cfg.model.block_size  # the window slides
     got = generate(model, x, n, greedy=True)
     want, want_logits = greedy_recompute(model, x, n)
     assert torch.equal(got, want)
@@ -103,11 +103,11 @@ def brt_reference(model, ids: torch.Tensor, n: int) -> tuple[torch.Tensor, list]
     return ids, logits
 
 
-@pytest.mark.parametrize("t0", [5, 16, 35])  # inside the first block, exactly one block, 2 blocks + 3
+@pytest.mark.parametrize("t0", [5, 32])  # inside the first block; exactly two blocks
 def test_brt_generation_equals_full_forward(ctx1, t0):
     cfg, model = build(ctx1, "brt-tiny")
     x = prompt(cfg, t=t0)
-    n = 2 * cfg.model.block_size + 3  # crosses block boundaries while decoding
+    n = cfg.model.block_size + 3  # crosses a block boundary while decoding
     got = generate(model, x, n, greedy=True)
     want, want_logits = brt_reference(model, x, n)
     assert torch.equal(got, want)

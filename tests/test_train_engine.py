@@ -89,8 +89,11 @@ def test_unsupported_combinations_are_refused():
     for arch_cfg in ("configs/brt-tiny.yaml", "configs/sliding-tiny.yaml", "configs/transformer-tiny.yaml"):
         with pytest.raises(ValueError, match="reset_at_doc_boundaries=false"):
             check_training_features(load_config(arch_cfg, ["data.reset_at_doc_boundaries=true"]), 1)
-        with pytest.raises(ValueError, match="data.packing=segments.*use data.packing=packed"):
-            check_training_features(load_config(arch_cfg, ["data.packing=segments"]), 1)
+    # stateful segments: the windowed archs carry bounded caches; the causal cache grows without bound
+    for arch_cfg in ("configs/brt-tiny.yaml", "configs/sliding-tiny.yaml"):
+        check_training_features(load_config(arch_cfg, ["data.packing=segments"]), 1)
+    with pytest.raises(ValueError, match="model.arch=transformer.*grows.*use data.packing=packed"):
+        check_training_features(load_config("configs/transformer-tiny.yaml", ["data.packing=segments"]), 1)
     with pytest.raises(ConfigError, match="logging.peak_tflops"):
         load_config("configs/tiny.yaml", ["logging.peak_tflops=0"])
 
@@ -147,6 +150,19 @@ def test_carried_state_over_segments_equals_one_pass(single):
     print(json.dumps(r, indent=1))
     assert r["carried"] == pytest.approx(r["one_pass"], rel=1e-6, abs=0)
     assert max(abs(a - b) for a, b in zip(r["not_carried"], r["one_pass"], strict=True)) > 1e-4
+
+
+@pytest.mark.parametrize("arch", ["brt", "sliding"])
+def test_windowed_archs_carry_state_over_segments(single, arch):
+    """BRT (state + previous-block cache) and sliding-window (previous-block cache): carried,
+    detached state over consecutive segments == one pass over the whole documents; slot 0's
+    reset at step 3 restores the initial state (ignoring the flag changes step 3 only)."""
+    r = single.report[f"stateful_{arch}"]
+    print(json.dumps(r, indent=1))
+    assert max(abs(a - b) for a, b in zip(r["carried"], r["one_pass"], strict=True)) <= TOL
+    assert max(abs(a - b) for a, b in zip(r["not_carried"], r["one_pass"], strict=True)) > 1e-4
+    ignored = r["resets_ignored"]
+    assert ignored[:2] == r["carried"][:2] and abs(ignored[2] - r["one_pass"][2]) > 1e-4
 
 
 def test_recompute_changes_nothing(single):

@@ -29,6 +29,10 @@ MANIFEST = "manifest.json"
 LATEST = "latest"
 FORMAT_VERSION = 1
 _STEP_RE = re.compile(r"^step_(\d{7,})$")
+#: test-only fault injection: "before_rename" makes `publish` end the process (os._exit(FAULT_EXIT))
+#: after every file and the manifest are written, before the rename (tests/test_chaos.py)
+FAULT_INJECT_ENV = "MEGARET_FAULT_INJECT"
+FAULT_EXIT = 86
 
 
 class CheckpointError(RuntimeError):
@@ -87,6 +91,8 @@ def publish(tmp: Path, final: Path, manifest: dict[str, Any]) -> None:
     """
     manifest = dict(manifest, files=hash_tree(tmp))
     write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=False))
+    if os.environ.get(FAULT_INJECT_ENV) == "before_rename":  # test-only: die with the files written
+        os._exit(FAULT_EXIT)
     trash = None
     if final.exists():
         trash = final.with_name(f".old-{final.name}")

@@ -197,7 +197,9 @@ class DataConfig(_Section):
     tokenizer: str | None = None  # None: the default tokenizer
     num_workers: int = 2  # DataLoader workers per rank (0 = load in the main process)
     on_corrupt: str = "error"  # what to do with an unreadable shard / sample
-    reset_at_doc_boundaries: bool = False  # reset the recurrent state at document boundaries
+    # reset the recurrent state at document boundaries inside packed samples (batch.doc_start);
+    # the trainer supports it for retnet only (attention archs would still see across documents)
+    reset_at_doc_boundaries: bool = False
     packing: str = "packed"  # packed: docs joined by <eos>; segments: document-ordered slots (stateful)
     default_corpus: str = "small"  # size of the embedded corpus built when data.paths is empty
     # default-corpus shards and fetched remote shards (None: ~/.cache/megaret/data)
@@ -265,11 +267,14 @@ class TrainConfig(_Section):
     eval_steps: int = 10  # 0 skips evaluation
     recompute: bool = False  # activation recomputation
     max_consecutive_skips: int = 5  # stop after this many steps in a row with a NaN/inf loss or grad
+    # seconds a collective may wait for a peer (a stalled or dead rank) before the job fails (non-zero
+    # exit, so SLURM can requeue it); passed to init_process_group and every megatron group
+    collective_timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
         self._check_choices()
         self._positive("steps", "micro_batch_size", "global_batch_size", "log_interval", "eval_interval",
-                       "max_consecutive_skips")
+                       "max_consecutive_skips", "collective_timeout_s")
         self._non_negative("seed", "eval_steps")
 
 

@@ -146,12 +146,12 @@ def evaluate_documents(
     model: nn.Module, documents: Iterable[np.ndarray | Sequence[int]], context: int, chunk: int,
     min_tokens: int = 2, device: torch.device | str = "cpu",
 ) -> EvalResult:
-    """Each document (truncated to context + 1 tokens, skipped below min_tokens) streamed alone."""
+    """Each document (skipped below min_tokens, then truncated to context + 1 tokens) streamed alone."""
     result = EvalResult(bucket_edges(context))
     for doc in documents:
-        doc = np.asarray(doc, dtype=np.int64)[: context + 1]
         if len(doc) < max(min_tokens, 2):
             continue
+        doc = np.asarray(doc, dtype=np.int64)[: context + 1]
         evaluate_sequence(model, torch.from_numpy(doc)[None].to(device), chunk, result)
     return result
 

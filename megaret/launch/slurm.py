@@ -7,9 +7,10 @@ per GPU: `tasks_per_node` tasks on each of `nodes` nodes).
 Requeue. `TrainTask` is a `submitit.helpers.Checkpointable`: when SLURM sends USR2 before the
 time limit (submitit asks for `--signal=USR2@90`) or someone runs `scancel --signal=USR2`,
 submitit calls `TrainTask.checkpoint()`, which resubmits the same task; the new run resumes
-from the newest checkpoint in run.dir (`checkpoint.resume=true`). Preemption and
-`scontrol requeue` send SIGTERM/SIGKILL instead, so only the checkpoints the trainer writes
-every `checkpoint.interval` steps survive those.
+from the newest checkpoint in run.dir (`checkpoint.resume=true`). The trainer first finishes
+its step and saves a checkpoint there (megaret/train/signals.py), then calls submitit's handler.
+Preemption and `scontrol requeue` send SIGTERM, then SIGKILL after KillWait: the trainer saves
+if the grace period allows, else the job resumes from its last periodic checkpoint.
 """
 
 from __future__ import annotations

@@ -61,16 +61,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(backend: str | None = None, timeout_min: int = 30) -> None:
+def init_distributed(
+    backend: str | None = None, timeout_min: float = 30, timeout_s: float | None = None
+) -> None:
     """Initialise torch.distributed from env:// (torchrun style); a lone process gets a world of 1.
 
     srun and mpirun launches are translated to torch's variables first (`discover_launch_env`).
+    `timeout_s` (else `timeout_min`) bounds every collective: a peer that stalls or dies makes the
+    others raise instead of hanging (gloo and NCCL with async error handling honour it).
     """
     if dist.is_initialized():
         return
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-    timeout = timedelta(minutes=timeout_min)
+    timeout = timedelta(seconds=timeout_s) if timeout_s is not None else timedelta(minutes=timeout_min)
     if discover_launch_env().source == "single":
         # A plain `python ...` run: a world of one on a free local port. The environment is
         # left alone so that child processes (tests, launchers) don't inherit a stale rank.
@@ -86,11 +90,15 @@ def build_parallel_context(
     virtual_pipeline: int | None = None,
     seed: int = 1234,
     backend: str | None = None,
+    timeout_s: float = 1800.0,
 ) -> ParallelContext:
-    """Initialise distributed state for a TP x PP x DP layout and return the context."""
+    """Initialise distributed state for a TP x PP x DP layout and return the context.
+
+    `timeout_s` (config train.collective_timeout_s) bounds every collective of the world and of
+    megatron's groups."""
     from megatron.core import parallel_state as ps
 
-    init_distributed(backend)
+    init_distributed(backend, timeout_s=timeout_s)
     world = dist.get_world_size()
     if world % (tensor * pipeline) != 0:
         raise ValueError(
@@ -111,6 +119,7 @@ def build_parallel_context(
         pipeline_model_parallel_size=pipeline,
         virtual_pipeline_model_parallel_size=virtual_pipeline,
         create_gloo_process_groups=False,
+        distributed_timeout_minutes=timeout_s / 60,
     )
     tp_rank = ps.get_tensor_model_parallel_rank()
     seed_tensor_parallel_rng(seed, tp_rank)

@@ -10,6 +10,8 @@ leaves every published checkpoint untouched.
 checks the sha256 of every file and tells the others); each rejected one is reported naming the
 bad file. DeepSpeed reads its files through `megaret.checkpoint.safe_load` (weights_only).
 Resume is bit-exact: the same losses and weights as a run that never stopped.
+A checkpoint of another parallel layout (DP, TP, PP sizes; ZeRO-1/2) is resharded at resume
+(megaret.train.reshard): same trajectory up to float reassociation, the same Adam moments.
 """
 
 from __future__ import annotations
@@ -222,21 +224,62 @@ class Checkpointer:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def _check_layout(self, path: Path, manifest: dict[str, Any]) -> None:
+    def _check_layout(self, path: Path, manifest: dict[str, Any]) -> bool:
+        """True when the checkpoint's parallel layout differs from this run's and it can be
+        resharded (megaret.train.reshard); raises for what cannot be resumed."""
         t = self.trainer
         ctx = t.ctx
         lay = manifest["layout"]
+        if manifest.get("data_source") != t.cfg.data.source:
+            raise CheckpointError(f"{path} was saved with data.source={manifest.get('data_source')}, "
+                                  f"this run has data.source={t.cfg.data.source}")
         here = {"world_size": ctx.world_size, "tensor": ctx.tp.size, "pipeline": ctx.pp_size,
                 "virtual_pipeline": ctx.virtual_pipeline, "data": ctx.dp_size,
                 "zero_stage": t.cfg.parallel.zero_stage}
         diff = {k: (lay.get(k), v) for k, v in here.items() if lay.get(k) != v}
-        if diff:
-            what = ", ".join(f"{k}: saved {a}, now {b}" for k, (a, b) in diff.items())
-            raise CheckpointError(f"{path} was saved with another parallel layout ({what}); resume with the "
-                                  "same layout or start a new run.dir (resharding is not supported yet)")
-        if manifest.get("data_source") != t.cfg.data.source:
-            raise CheckpointError(f"{path} was saved with data.source={manifest.get('data_source')}, "
-                                  f"this run has data.source={t.cfg.data.source}")
+        if not diff:
+            return False
+        from megaret.train.reshard import RESHARDABLE_ZERO
+
+        what = ", ".join(f"{k}: saved {a}, now {b}" for k, (a, b) in diff.items())
+        saved = (f"tensor={lay.get('tensor')}, pipeline={lay.get('pipeline')}, "
+                 f"virtual_pipeline={lay.get('virtual_pipeline')}, zero_stage={lay.get('zero_stage')}")
+        if lay.get("zero_stage") not in RESHARDABLE_ZERO or here["zero_stage"] not in RESHARDABLE_ZERO:
+            raise CheckpointError(f"{path} was saved with another parallel layout ({what}); resharding needs "
+                                  f"ZeRO-1/2 on both sides: resume with the saved layout ({saved}) or set "
+                                  "parallel.zero_stage=1 on both runs")
+        if self._loader() is not None and lay.get("data") != ctx.dp_size:
+            raise CheckpointError(f"{path} was saved with another parallel layout ({what}); the data-loader "
+                                  f"position of data.source={t.cfg.data.source} is tied to the data-parallel "
+                                  f"size: keep {lay.get('data')} data-parallel ranks (change tensor/pipeline "
+                                  "with world size to match) or resume with the saved layout")
+        return True
+
+    def _reshard(self, path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Load a checkpoint of another layout (megaret.train.reshard: full fp32 weights and Adam
+        moments rebuilt from the ZeRO shards, cut for this rank); returns the per-rank state to
+        use: that of the saved rank with the same (dp, tp, pp) coordinates, else the same DP rank."""
+        from megaret.train.reshard import consolidate_training_state, load_resharded
+
+        t = self.trainer
+        ctx = t.ctx
+        names = {chunk.global_name(n) for chunk in t.chunks for n, _ in chunk.named_parameters()}
+        load_resharded(t.engine, t.chunks, ctx, consolidate_training_state(path, manifest, names))
+        ranks = manifest["layout"]["ranks"]
+        here = (ctx.dp_rank, ctx.tp.rank, ctx.pp_rank)
+        same = [r for r in ranks if (r["dp_rank"], r["tp_rank"], r["pp_rank"]) == here]
+        same = same or [r for r in ranks if r["dp_rank"] == ctx.dp_rank] or ranks
+        state = safe_load(path / _rank_file(min(r["rank"] for r in same)))
+        if state["carried_state"] is not None:
+            raise CheckpointError(f"{path} carries recurrent states across steps (data.packing=segments), "
+                                  "which are laid out per rank: resume it with the saved layout")
+        lay = manifest["layout"]
+        msg = (f"resharded {path} from tensor={lay['tensor']} pipeline={lay['pipeline']} data={lay['data']} "
+               f"to tensor={ctx.tp.size} pipeline={ctx.pp_size} data={ctx.dp_size}")
+        self.messages.append(msg)
+        if ctx.rank == 0:
+            log.warning(msg)
+        return state
 
     def resume(self) -> Path | None:
         """Load the newest valid checkpoint (every rank calls this); None when there is none."""
@@ -248,12 +291,15 @@ class Checkpointer:
                 log.warning(m)
         if sel.path is None:
             return None
-        self._check_layout(sel.path, sel.manifest)
-        load_path, _ = t.engine.load_checkpoint(str(sel.path), tag=DS_TAG, load_module_strict=True,
-                                                load_optimizer_states=True, load_lr_scheduler_states=False)
-        if load_path is None:
-            raise CheckpointError(f"DeepSpeed found no checkpoint in {sel.path / DS_TAG}")
-        state = safe_load(sel.path / _rank_file(t.ctx.rank))
+        if self._check_layout(sel.path, sel.manifest):
+            state = self._reshard(sel.path, sel.manifest)
+        else:
+            load_path, _ = t.engine.load_checkpoint(
+                str(sel.path), tag=DS_TAG, load_module_strict=True, load_optimizer_states=True,
+                load_lr_scheduler_states=False)
+            if load_path is None:
+                raise CheckpointError(f"DeepSpeed found no checkpoint in {sel.path / DS_TAG}")
+            state = safe_load(sel.path / _rank_file(t.ctx.rank))
         counters = sel.manifest["trainer"]
         if state["step"] != counters["step"]:
             raise CheckpointError(f"{sel.path / _rank_file(t.ctx.rank)} is from step {state['step']}, the "

@@ -106,11 +106,12 @@ def check_training_features(cfg: Config, pp_size: int) -> None:
             f"data.reset_at_doc_boundaries=true with model.arch={arch}: document resets inside a packed "
             "sample are implemented for retnet only (the attention of this arch would still see across "
             "documents in the sample); set data.reset_at_doc_boundaries=false, or use model.arch=retnet")
+    if cfg.data.packing == "segments" and arch == "transformer":
+        raise ValueError(
+            "data.packing=segments with model.arch=transformer: the causal Transformer's key/value "
+            "cache grows with every segment, so it cannot be carried across training steps; use "
+            "data.packing=packed (or model.arch=sliding / brt, whose carried caches are bounded)")
     if arch != "retnet":
-        if cfg.data.packing == "segments":
-            raise ValueError(
-                f"data.packing=segments with model.arch={arch}: carrying the attention caches / BRT "
-                "state across training steps is not supported by the trainer yet; use data.packing=packed")
         if cfg.parallel.sequence_parallel and cfg.parallel.tensor > 1:
             raise ValueError(f"parallel.sequence_parallel=true with model.arch={arch}: sequence parallelism "
                              "is implemented for retnet only; set parallel.sequence_parallel=false")

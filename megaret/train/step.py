@@ -15,7 +15,9 @@ all-ones mask this is the plain mean.
 Carried state (stateful `data.packing=segments` training, PP=1): a `StateCarry` holds the
 model's recurrent state after each micro-batch, detached, and feeds it to the next one
 (consecutive micro-batches and steps are consecutive segments of the same slots); slots whose
-`reset` flag is set start from a zero state.
+`reset` flag is set start from a zero state (RetNet) or, for the windowed archs (BRT, sliding),
+get `reset` passed to the model, which drops their cached block and restores BRT's learned
+initial state. The causal Transformer's cache grows without bound: the engine refuses it.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megaret.models.attention_layer import KVCache
 from megaret.models.retnet import RetNet, RetNetState
+from megaret.models.transformer import Transformer, TransformerState
 from megaret.parallel.context import ParallelContext
 from megaret.train.batches import Batch
 
@@ -54,6 +58,11 @@ class StateCarry:
         state = self.state
         if state is None:
             return None
+        if isinstance(state, TransformerState):  # BRT / sliding: the model applies `reset` itself
+            carried = _batch_of(state)
+            if carried != batch_size:
+                raise ValueError(f"carried state has batch {carried}, micro-batch has {batch_size}")
+            return None if reset is not None and bool(reset.all()) else state
         if not isinstance(state, RetNetState):
             raise TypeError(f"carrying {type(state).__name__} across steps is not supported")
         if state.layers[0].shape[0] != batch_size:
@@ -74,6 +83,12 @@ class StateCarry:
         self.state = None
 
 
+def _batch_of(state: TransformerState) -> int:
+    """The batch size of a Transformer/BRT state (KVCache or BRTLayerState per layer)."""
+    layer = next(s for s in state.layers if s is not None)
+    return (layer.k if isinstance(layer, KVCache) else layer.state).shape[0]
+
+
 def _loss_func(mask: torch.Tensor, scale: float, per_token: torch.Tensor):
     """per_token, mask: (B, T) -> (the loss to differentiate, what the step reports)."""
     masked_sum = (per_token.float() * mask).sum()
@@ -83,9 +98,13 @@ def _loss_func(mask: torch.Tensor, scale: float, per_token: torch.Tensor):
                   "count": mask.sum().detach()}
 
 
-def _model_kwargs(model, batch: Batch) -> dict:
+def _model_kwargs(model, batch: Batch, carry: StateCarry | None = None) -> dict:
     """Extra forward arguments: the document starts inside each sample when the trainer resets
-    the retention state there (data.reset_at_doc_boundaries; the engine tags the chunks)."""
+    the retention state there (data.reset_at_doc_boundaries; the engine tags the chunks); with
+    a carried state, the windowed archs' `reset` (B,) (drop the cached block, restore BRT's
+    learned initial state at a slot's document start)."""
+    if carry is not None and isinstance(model, Transformer) and batch.reset is not None:
+        return {"reset": batch.reset.bool()}
     if getattr(model, "doc_resets", False) and batch.doc_start is not None:
         return {"doc_start": batch.doc_start.bool()}
     return {}
@@ -94,7 +113,7 @@ def _model_kwargs(model, batch: Batch) -> dict:
 def _forward_step(scale: float, carry: StateCarry | None, data_iterator, model):
     batch: Batch = next(data_iterator)
     state = carry.take(batch.reset, batch.tokens.shape[0]) if carry is not None else None
-    out = model(batch.tokens, batch.labels, state=state, **_model_kwargs(model, batch))
+    out = model(batch.tokens, batch.labels, state=state, **_model_kwargs(model, batch, carry))
     if not isinstance(out, torch.Tensor):  # RetNetOutput / TransformerOutput: the last stage
         if carry is not None:
             carry.put(out.state)
@@ -152,7 +171,7 @@ def train_step(engine, chunks: list[RetNet], ctx: ParallelContext, batch: Batch,
         total = 0.0
         for mb in micro:
             state = carry.take(mb.reset, mb.tokens.shape[0]) if carry is not None else None
-            out = engine(mb.tokens, mb.labels, state=state, **_model_kwargs(chunks[0], mb))
+            out = engine(mb.tokens, mb.labels, state=state, **_model_kwargs(chunks[0], mb, carry))
             if carry is not None:
                 carry.put(out.state)
             loss, _ = _loss_func(mb.loss_mask, scale, out.loss)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import time
 from pathlib import Path
 
 from megaret.config import Config, save_config
@@ -11,6 +13,7 @@ from megaret.train.checkpoint import Checkpointer
 from megaret.train.engine import build_engine, build_stage_modules, full_parameters
 from megaret.train.metrics import Metrics, Timer, model_flops_per_token, peak_tflops
 from megaret.train.schedule import learning_rate
+from megaret.train.signals import StopSignals, before_step
 from megaret.train.step import StateCarry, StepResult, eval_step, train_step
 
 
@@ -22,7 +25,8 @@ class Trainer:
     def __init__(self, cfg: Config, batches: BatchSource | None = None) -> None:
         self.cfg = cfg
         p = cfg.parallel
-        self.ctx = build_parallel_context(p.tensor, p.pipeline, p.virtual_pipeline, seed=cfg.train.seed)
+        self.ctx = build_parallel_context(p.tensor, p.pipeline, p.virtual_pipeline, seed=cfg.train.seed,
+                                         timeout_s=cfg.train.collective_timeout_s)
         cfg.validate_world(self.ctx.world_size)
         self.chunks = build_stage_modules(cfg, self.ctx)
         self.engine = build_engine(cfg, self.ctx, self.chunks)
@@ -138,8 +142,27 @@ class Trainer:
         return result
 
     def train(self) -> list[StepResult]:
-        """Train to train.steps (on from a resumed step); saves a checkpoint at the end."""
-        results = [self.train_step() for _ in range(self.step, self.cfg.train.steps)]
+        """Train to train.steps (on from a resumed step); saves a checkpoint at the end.
+
+        SIGUSR1/SIGUSR2/SIGTERM stop the run after the step in progress: all ranks agree on the
+        step, save a checkpoint and raise `Preempted` (exit 75) for a requeue (megaret/train/signals.py).
+        """
+        results = []
+        with StopSignals() as stop:
+            while self.step < self.cfg.train.steps:
+                before_step(self.ctx.rank, self.step + 1)
+                results.append(self.train_step())
+                signum = stop.agreed(self.ctx.device)
+                if signum is not None and self.step < self.cfg.train.steps:
+                    if self.checkpointer.last_saved_step != self.step:
+                        self.save_checkpoint()
+                    if self.ctx.rank == 0:
+                        print(f"caught {signal.Signals(signum).name}: checkpoint of step {self.step} saved "
+                              f"{time.time() - stop.received_at:.1f}s after the signal; exiting for a requeue"
+                              if stop.received_at else
+                              f"a peer caught {signal.Signals(signum).name}: checkpoint of step {self.step} "
+                              "saved; exiting for a requeue", flush=True)
+                    stop.leave(signum, self.ctx.rank, self.step)
         if self.checkpointer.last_saved_step != self.step:
             self.save_checkpoint()
         return results

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from megaret.config import load_config
 from megaret.train.batches import Batch
-from megaret.train.step import train_step
+from megaret.train.step import StateCarry, train_step
 from megaret.train.trainer import Trainer
 
 BASE = [
@@ -106,13 +106,16 @@ def loss_mask_checks() -> dict:
             "unmasked_mean": unmasked, "tokens": one["results"][0].tokens}
 
 
-def stateful_checks() -> dict:
+def stateful_checks(config: str = "configs/tiny.yaml", ignore_resets: bool = False) -> dict:
     """Two steps over consecutive segments with carried state == one pass over the whole documents.
 
     Two slots, micro-batch 2, two micro-batches per step (consecutive segments of the same
     slots, as the segments loader serves them). Slot 0 reads doc A (4 segments) then doc C
     (reset at step 3); slot 1 reads doc B (6 segments). lr = 0, so the model is fixed and the
-    step losses are forward losses.
+    step losses are forward losses. `config`: retnet, or the windowed archs (brt / sliding:
+    segments of 32 = 2 blocks of 16), whose carried caches / BRT states reset through the
+    model's `reset`; ignore_resets adds a carried run with every reset flag cleared (slot 0
+    then reads doc C on top of doc A's state: step 3 must differ).
     """
     L = 32
     gen = torch.Generator().manual_seed(5)
@@ -136,14 +139,20 @@ def stateful_checks() -> dict:
         batches.append(Batch(x, y, torch.ones(4, L), reset=torch.tensor(resets)))
     out = {}
     for carried in (True, False):
-        cfg = load_config("configs/tiny.yaml", [*BASE, *RUN_DIR, "train.micro_batch_size=2",
-                                                "data.packing=segments"])
+        cfg = load_config(config, [*BASE, *RUN_DIR, "train.micro_batch_size=2", "data.packing=segments"])
         trainer = Trainer(cfg, ListBatches(batches))
         if not carried:
             trainer.carry = None
         losses = [train_step(trainer.engine, trainer.chunks, trainer.ctx, b, 2, 0.0, 1, trainer.carry).loss
                   for b in batches]
         out["carried" if carried else "not_carried"] = losses
+        if ignore_resets:
+            no_reset = [Batch(b.tokens, b.labels, b.loss_mask, reset=torch.zeros_like(b.reset))
+                        for b in batches]
+            carry = StateCarry()
+            out["resets_ignored"] = [train_step(trainer.engine, trainer.chunks, trainer.ctx, b, 2, 0.0, 1,
+                                                carry).loss for b in no_reset]
+            ignore_resets = False
         model = trainer.chunks[0]
         trainer.close()
     with torch.no_grad():
@@ -177,6 +186,8 @@ def single(run_dir: str) -> dict:
     report = {"metrics": {"losses": metrics["losses"], "evals": metrics["evals"]}}
     report["loss_mask"] = loss_mask_checks()
     report["stateful"] = stateful_checks()
+    report["stateful_brt"] = stateful_checks("configs/brt-tiny.yaml", ignore_resets=True)
+    report["stateful_sliding"] = stateful_checks("configs/sliding-tiny.yaml", ignore_resets=True)
     report["recompute"] = recompute_checks()
     report["bf16"] = bf16_checks()
     return report

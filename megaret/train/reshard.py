@@ -1,0 +1,235 @@
+"""Resuming a checkpoint on another parallel layout (DP, TP, PP, virtual PP): resharding.
+
+A checkpoint saved at one layout is turned into a layout-free training state and cut again for
+the layout of the resuming run. No DeepSpeed universal-checkpoint pass is needed (its TP merge
+wants per-parameter patterns the model would have to declare); the manifest already holds
+everything:
+
+1. `consolidate_training_state` (offline, no process group): for every saved TP x PP rank
+   (``mp_rank_XX``, mapped to (tp_rank, pp_rank) by the manifest) read the ZeRO-1/2 optimizer
+   shard of each DP rank (``zero_pp_rank_D_mp_rank_XX_optim_states.pt``). Each holds the DP
+   rank's flat partition of the fp32 master weights and of Adam's ``exp_avg``/``exp_avg_sq``,
+   and ``param_slice_mappings``: for each parameter (by DeepSpeed's module key) the slice of that
+   partition it occupies. Concatenating a parameter's slices in DP-rank order gives its flat TP
+   shard; the model file gives the shard's shape; the manifest's {key: (full-model name, TP
+   partition dim)} concatenates TP shards along their dim and merges PP stages by name. Result:
+   {full-model name: fp32 master, exp_avg, exp_avg_sq} plus Adam's step counter. The masters
+   come from the optimizer (exact under bf16 too), not from the model copies.
+2. `load_resharded` (every rank of the new run): slice each full tensor for this rank's TP rank
+   and stage, copy it into the module parameter, into this DP rank's fragment of the flat fp32
+   partition (``_hp_mapping`` addresses) and into freshly built Adam state tensors of the base
+   optimizer, then let DeepSpeed link its per-parameter optimizer fragments.
+
+The loss trajectory then continues as on the saved layout up to float reassociation (gradient
+all-reduce / accumulation order), and the gathered moments equal the saved ones bit for bit
+(tests/test_reshard.py). Counters come from the manifest; the data position and RNG from the
+saved rank with the same coordinates (else the same DP rank, else rank 0): a loader position
+is tied to the DP size, so a DP change is refused for loader-based data (data.source=synthetic
+is keyed by step and global sample, any DP size sees the same batches); dropout streams are per
+TP rank, so exactness across TP sizes holds with dropout 0. Carried recurrent states
+(data.packing=segments) and ZeRO-0/3 are refused with the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megaret.checkpoint.files import CheckpointError
+from megaret.checkpoint.safe import safe_load
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+RESHARDABLE_ZERO = (1, 2)  # ZeRO stages whose files hold flat fp32 + Adam partitions per DP rank
+
+
+@dataclass
+class FullState:
+    """The layout-free training state of a checkpoint: full-model fp32 tensors by name."""
+
+    params: dict[str, torch.Tensor] = field(default_factory=dict)  # fp32 masters
+    moments: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # name -> {exp_avg, ..}
+    step: torch.Tensor | None = None  # Adam's step counter (None: the optimizer never stepped)
+    engine_counters: dict[str, Any] = field(default_factory=dict)  # DeepSpeed global_steps, ...
+
+
+def _group_states(base: Any, n_groups: int) -> list[dict[str, Any]]:
+    """The base optimizer's per-group state of one flat partition (one param per group)."""
+    if isinstance(base, dict):  # torch optimizer.state_dict(): state indexed by param position
+        return [base.get("state", {}).get(i, {}) for i in range(n_groups)]
+    return [dict(s) if s else {} for s in base]  # elastic_checkpoint: a list per group
+
+
+def consolidate_training_state(ckpt: Path, manifest: dict[str, Any],
+                               names: set[str] | None = None) -> FullState:
+    """Full fp32 weights, Adam moments and step of a (verified) checkpoint; only `names` if given."""
+    lay = manifest["layout"]
+    if lay.get("zero_stage") not in RESHARDABLE_ZERO:
+        raise CheckpointError(
+            f"{ckpt} was saved with parallel.zero_stage={lay.get('zero_stage')}; resharding reads ZeRO-1/2 "
+            f"optimizer shards only: resume it with its own layout (tensor={lay['tensor']}, "
+            f"pipeline={lay['pipeline']}, data={lay['data']})")
+    ds = ckpt / lay["deepspeed_dir"]
+    out = FullState()
+    shards: dict[str, dict[int, dict[str, torch.Tensor]]] = {}  # full name -> tp_rank -> kind -> shard
+    dims: dict[str, int | None] = {}
+    steps: list[torch.Tensor] = []
+    for mp, where in sorted(lay["mp_ranks"].items()):
+        key_map = lay["params"][mp]  # DeepSpeed module key -> [full-model name, TP partition dim]
+        model_file = ds / f"mp_rank_{mp}_model_states.pt"
+        model = safe_load(model_file)
+        if not out.engine_counters:
+            counters = ("global_steps", "global_samples", "skipped_steps")
+            out.engine_counters = {k: model.get(k) for k in counters}
+        module = model["module"]
+        flat: dict[str, dict[str, list[torch.Tensor]]] = {}
+        for d in range(lay["data"]):
+            path = ds / f"zero_pp_rank_{d}_mp_rank_{mp}_optim_states.pt"
+            osd = safe_load(path)["optimizer_state_dict"]
+            fp32 = osd["single_partition_of_fp32_groups"]
+            states = _group_states(osd["base_optimizer_state"], len(fp32))
+            for i, mapping in enumerate(osd["param_slice_mappings"]):
+                if "step" in states[i]:
+                    steps.append(states[i]["step"])
+                for key, frag in mapping.items():
+                    if key not in key_map:
+                        raise CheckpointError(f"{path} holds {key}, which the manifest does not map")
+                    parts = flat.setdefault(key, {"param": [], **{m: [] for m in MOMENTS}})
+                    parts["param"].append(fp32[i].narrow(0, frag.start, frag.numel))
+                    for m in MOMENTS:
+                        if m in states[i]:
+                            parts[m].append(states[i][m].narrow(0, frag.start, frag.numel))
+        for key, (name, dim) in key_map.items():
+            value = module.get(key)
+            if not torch.is_tensor(value) or (names is not None and name not in names):
+                continue  # megatron's _extra_state, or a tensor this rank does not hold
+            kinds: dict[str, torch.Tensor] = {}
+            if key in flat:
+                for kind, parts in flat[key].items():
+                    if not parts:
+                        continue
+                    t = torch.cat(parts)
+                    if t.numel() != value.numel():
+                        raise CheckpointError(f"{ds}: the ZeRO shards of {key} (mp_rank {mp}) hold "
+                                              f"{t.numel()} values, the model file {value.numel()}")
+                    kinds[kind] = t.view(value.shape).float()
+            else:  # a frozen tensor: not in the optimizer
+                kinds["param"] = value.float()
+            dims[name] = dim if lay["tensor"] > 1 else None
+            shards.setdefault(name, {})[where["tp_rank"]] = kinds
+    for name, by_tp in shards.items():
+        dim = dims[name]
+        if dim is None:
+            kinds = by_tp[min(by_tp)]
+        else:
+            missing = set(range(lay["tensor"])) - set(by_tp)
+            if missing:
+                raise CheckpointError(f"{ckpt}: no TP rank {sorted(missing)} shard of {name}")
+            kinds = {k: torch.cat([by_tp[r][k] for r in range(lay["tensor"])], dim=dim) for k in by_tp[0]}
+        out.params[name] = kinds["param"]
+        moments = {m: kinds[m] for m in MOMENTS if m in kinds}
+        if moments:
+            out.moments[name] = moments
+    if steps:
+        if any(float(s) != float(steps[0]) for s in steps):
+            raise CheckpointError(f"{ckpt}: the optimizer shards disagree on Adam's step "
+                                  f"({sorted({float(s) for s in steps})})")
+        out.step = steps[0].clone()
+    if names is not None and (absent := sorted(names - set(out.params))):
+        raise CheckpointError(f"{ckpt} lacks {absent[:3]} (a checkpoint of another model?)")
+    return out
+
+
+def _local(full: torch.Tensor, p: torch.nn.Parameter, tp_size: int, tp_rank: int, name: str) -> torch.Tensor:
+    """This TP rank's shard of a full tensor, shaped like parameter `p`."""
+    if getattr(p, "tensor_model_parallel", False) and tp_size > 1:
+        full = torch.chunk(full, tp_size, dim=p.partition_dim)[tp_rank]
+    if tuple(full.shape) != tuple(p.shape):
+        raise CheckpointError(f"{name}: the checkpoint's tensor cuts to {tuple(full.shape)} on this rank, "
+                              f"the model has {tuple(p.shape)} (another model config?)")
+    return full
+
+
+def load_resharded(engine: Any, chunks: list[torch.nn.Module], ctx: Any, state: FullState) -> None:
+    """Set this rank's parameters, ZeRO fp32 partition and Adam state from a layout-free state."""
+    zopt = engine.optimizer
+    if not (hasattr(zopt, "bit16_groups") and hasattr(zopt, "single_partition_of_fp32_groups")):
+        raise CheckpointError(f"resharding loads into a ZeRO-1/2 optimizer; this run has "
+                              f"{type(zopt).__name__} (zero_stage 0 or 3): use parallel.zero_stage=1")
+    local: dict[int, dict[str, torch.Tensor]] = {}  # id(param) -> kind -> this rank's shard
+    with torch.no_grad():
+        for chunk in chunks:
+            for n, p in chunk.named_parameters():
+                name = chunk.global_name(n)
+                if name not in state.params:
+                    raise CheckpointError(f"the checkpoint has no {name}")
+                kinds = {"param": state.params[name], **state.moments.get(name, {})}
+                local[id(p)] = {k: _local(v, p, ctx.tp.size, ctx.tp.rank, name) for k, v in kinds.items()}
+                p.copy_(local[id(p)]["param"].to(p.dtype))
+        base = zopt.optimizer
+        for i, flat in enumerate(zopt.single_partition_of_fp32_groups):
+            bufs = {m: torch.zeros_like(flat) for m in MOMENTS}
+            for lp in zopt.bit16_groups[i]:
+                hp = getattr(lp, "_hp_mapping", None)
+                if hp is None:  # no part of this parameter lies in this DP rank's partition
+                    continue
+                src, lpa, hpa = local[id(lp)], hp.lp_fragment_address, hp.hp_fragment_address
+                for kind, dst in (("param", flat), *bufs.items()):
+                    if kind in src:
+                        piece = src[kind].flatten().narrow(0, lpa.start, lpa.numel)
+                        dst.data.narrow(0, hpa.start, hpa.numel).copy_(piece)
+            if state.step is not None:
+                base.state[flat].clear()
+                base.state[flat].update({"step": state.step.clone(), **bufs})
+    if state.step is not None:  # point DeepSpeed's per-parameter views at the new state tensors
+        zopt._hp_optimizer_states_linked = False
+        zopt._lazy_init_hp_params_optimizer_state()
+    for k, v in state.engine_counters.items():
+        if v is not None and hasattr(engine, k):
+            setattr(engine, k, v)
+
+
+def _gather_full(chunks: list[torch.nn.Module], ctx: Any, value_of) -> dict[str, torch.Tensor]:
+    mine: dict[str, torch.Tensor] = {}
+    for chunk in chunks:
+        for name, p in chunk.named_parameters():
+            t = value_of(p).detach().float().clone()
+            if getattr(p, "tensor_model_parallel", False) and ctx.tp.size > 1:
+                parts = [torch.empty_like(t) for _ in range(ctx.tp.size)]
+                dist.all_gather(parts, t.contiguous(), group=ctx.tp.group)
+                t = torch.cat(parts, dim=p.partition_dim)
+            mine[chunk.global_name(name)] = t.cpu()
+    if ctx.pp_size == 1:
+        return mine
+    stages: list[dict | None] = [None] * ctx.pp_size
+    dist.all_gather_object(stages, mine, group=ctx.pp_group)
+    return {k: v for stage in stages for k, v in stage.items()}
+
+
+def full_optimizer_state(engine: Any, chunks: list[torch.nn.Module], ctx: Any,
+                         key: str) -> dict[str, torch.Tensor]:
+    """Adam's `key` (exp_avg, exp_avg_sq) of every parameter of the full model, on every rank
+    (summed over the DP partitions, then gathered over TP and PP); collective.
+
+    Read from the base optimizer's flat state through each parameter's ``_hp_mapping`` (DeepSpeed's
+    own ``safe_get_full_optimizer_state`` misses the second param group: it links the optimizer
+    fragments once, after the first group's step, before the second group has any state).
+    """
+    zopt = engine.optimizer
+    group_of = {id(lp): i for i, group in enumerate(zopt.bit16_groups) for lp in group}
+
+    def value_of(p: torch.nn.Parameter) -> torch.Tensor:
+        buf = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+        hp = getattr(p, "_hp_mapping", None)
+        if hp is not None:
+            flat = zopt.single_partition_of_fp32_groups[group_of[id(p)]]
+            src = zopt.optimizer.state[flat][key]
+            lpa, hpa = hp.lp_fragment_address, hp.hp_fragment_address
+            buf.narrow(0, lpa.start, lpa.numel).copy_(src.narrow(0, hpa.start, hpa.numel))
+        dist.all_reduce(buf, group=ctx.dp_group)
+        return buf.view(p.shape)
+
+    return _gather_full(chunks, ctx, value_of)

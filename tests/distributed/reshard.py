@@ -1,0 +1,115 @@
+"""Launched by tests/test_reshard.py: resume checkpoints on another parallel layout.
+
+    reshard.py source WORK    (2 ranks)
+    reshard.py resume WORK    (1 rank)
+
+`source` trains a tiny 4-layer RetNet (synthetic data, fp32, ZeRO-1) at each of three 2-rank
+layouts, DP2, TP2 and PP2, in WORK/<layout>/run: 7 steps, saving at step 4 only. It stores the
+full weights and Adam moments gathered at step 4 (WORK/<layout>/step4.pt) and the losses of
+steps 5..7 (the original layout continuing). Then it resumes the PP2 checkpoint at TP2 (a copy
+of its run dir) and trains steps 5..7. `resume` resumes each source checkpoint (a copy) in one
+process (TP1 PP1 DP1), gathers the weights and moments right after loading and trains steps
+5..7. Rank 0 prints one line `RESULT {json}`; tensors go to WORK/<layout>/<case>.pt.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megaret.config import load_config
+from megaret.parallel.context import init_distributed
+from megaret.train.reshard import MOMENTS, full_optimizer_state
+from megaret.train.trainer import Trainer
+
+COMMON = [
+    "model.num_layers=4", "model.chunk_size=16", "model.vocab_size=128", "data.seq_length=32",
+    "data.source=synthetic", "train.precision=fp32", "parallel.zero_stage=1",
+    "train.steps=10", "train.micro_batch_size=1", "train.global_batch_size=4", "train.log_interval=100",
+    "train.eval_steps=0", "optimizer.warmup_steps=3", "optimizer.clip_grad=1.0", "logging.tensorboard=false",
+    "checkpoint.interval=4", "checkpoint.keep_last=2",
+]
+SOURCES = {"dp2": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}  # name -> (tensor, pipeline) on 2 ranks
+STEPS_AFTER = 3  # steps 5..7
+
+
+def trainer_at(run_dir: Path, tp: int, pp: int) -> Trainer:
+    layout = [f"parallel.tensor={tp}", f"parallel.pipeline={pp}", f"run.dir={run_dir}"]
+    return Trainer(load_config("configs/tiny.yaml", [*COMMON, *layout]))
+
+
+def snapshot(t: Trainer) -> dict:
+    """Full weights and Adam moments (collective)."""
+    moments = {m: full_optimizer_state(t.engine, t.chunks, t.ctx, m) for m in MOMENTS}
+    return {"params": t.full_parameters(), **moments}
+
+
+def finish(t: Trainer) -> None:
+    t.close()
+    del t
+    gc.collect()
+
+
+def copy_run(src: Path, dst: Path) -> None:
+    if dist.get_rank() == 0:
+        if dst.exists():
+            shutil.rmtree(dst)
+        shutil.copytree(src / "checkpoints", dst / "checkpoints")
+    dist.barrier()
+
+
+def resumed(run_dir: Path, tp: int, pp: int, save_to: Path) -> dict:
+    t = trainer_at(run_dir, tp, pp)
+    out = {"resumed_from": t.resumed_from.name if t.resumed_from else None, "step": t.step,
+           "messages": t.checkpointer.messages, "layout": [t.ctx.tp.size, t.ctx.pp_size, t.ctx.dp_size]}
+    snap = snapshot(t)
+    out["losses"] = [t.train_step().loss for _ in range(STEPS_AFTER)]
+    finish(t)
+    if dist.get_rank() == 0:
+        torch.save(snap, save_to)
+    return out
+
+
+def source(work: Path) -> dict:
+    report = {}
+    for name, (tp, pp) in SOURCES.items():
+        t = trainer_at(work / name / "run", tp, pp)
+        losses = [t.train_step().loss for _ in range(4)]  # saves step 4
+        snap = snapshot(t)
+        losses += [t.train_step().loss for _ in range(STEPS_AFTER)]  # the original layout continuing
+        report[name] = {"losses": losses, "layout": [t.ctx.tp.size, t.ctx.pp_size, t.ctx.dp_size],
+                        "checkpoints": sorted(p.name for p in (work / name / "run/checkpoints").iterdir())}
+        finish(t)
+        if dist.get_rank() == 0:
+            torch.save(snap, work / name / "step4.pt")
+    copy_run(work / "pp2" / "run", work / "pp2" / "as-tp2")  # PP2 x DP1 -> TP2 x DP1 on the same 2 ranks
+    report["pp2->tp2"] = resumed(work / "pp2" / "as-tp2", 2, 1, work / "pp2" / "as-tp2.pt")
+    return report
+
+
+def resume(work: Path) -> dict:
+    report = {}
+    for name in SOURCES:
+        copy_run(work / name / "run", work / name / "as-1")
+        report[f"{name}->1"] = resumed(work / name / "as-1", 1, 1, work / name / "as-1.pt")
+    return report
+
+
+def main() -> None:
+    mode, work = sys.argv[1], Path(sys.argv[2])
+    init_distributed()
+    report = {"source": source, "resume": resume}[mode](work)
+    if dist.get_rank() == 0:
+        print("RESULT " + json.dumps(report), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Resharding (issue 6): resume a checkpoint on another DP / TP / PP layout.
+
+Two launches of tests/distributed/reshard.py: `source` (2 ranks) trains a tiny 4-layer RetNet
+(synthetic data, fp32, ZeRO-1) at DP2, TP2 and PP2, saves at step 4, records the weights and Adam
+moments gathered at step 4 and the losses of steps 5..7 on the original layout, and resumes the
+PP2 checkpoint at TP2; `resume` (1 rank) resumes each checkpoint at TP1 x PP1 x DP1.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from megaret.checkpoint.files import CheckpointError, verify
+from tests.conftest import run_distributed
+
+SOURCES = ("dp2", "tp2", "pp2")
+REL_TOL = 1e-5
+
+
+def _result(proc) -> dict:
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    work = tmp_path_factory.mktemp("reshard")
+    source = _result(run_distributed("reshard.py", 2, "source", str(work), timeout=900))
+    resumed = _result(run_distributed("reshard.py", 1, "resume", str(work), timeout=900))
+    return types.SimpleNamespace(work=work, source=source, resumed=resumed)
+
+
+def _rel(a: list[float], b: list[float]) -> float:
+    return max(abs(x - y) / abs(y) for x, y in zip(a, b, strict=True))
+
+
+def _check_case(work: Path, src: str, case: str, r: dict, layout: list[int]) -> None:
+    assert r["resumed_from"] == "step_0000004" and r["step"] == 4
+    assert r["layout"] == layout
+    assert any(m.startswith("resharded ") for m in r["messages"]), r["messages"]
+    assert len(r["losses"]) == 3  # steps 5..7
+    # the same weights and Adam moments, gathered to full tensors, as the source had at step 4
+    want = torch.load(work / src / "step4.pt", weights_only=True)
+    got = torch.load(work / src / f"{case}.pt", weights_only=True)
+    for kind in ("params", "exp_avg", "exp_avg_sq"):
+        assert want[kind].keys() == got[kind].keys() and len(want[kind]) > 10
+        for name in want[kind]:
+            assert torch.equal(want[kind][name], got[kind][name]), (kind, name)
+    assert all(want["exp_avg_sq"][n].abs().max() > 0 for n in want["exp_avg_sq"])  # real moments
+
+
+@pytest.mark.parametrize("src", SOURCES)
+def test_resume_on_one_process_continues_the_original_layout(launched, src):
+    r = launched.resumed[f"{src}->1"]
+    _check_case(launched.work, src, "as-1", r, [1, 1, 1])
+    original = launched.source[src]["losses"][4:7]  # steps 5..7 on the saved layout
+    print(src, "->1 rel loss diff", _rel(r["losses"], original))
+    assert _rel(r["losses"], original) <= REL_TOL
+
+
+def test_pipeline_checkpoint_resumes_at_tensor_parallel(launched):
+    r = launched.source["pp2->tp2"]
+    _check_case(launched.work, "pp2", "as-tp2", r, [2, 1, 1])
+    original = launched.source["pp2"]["losses"][4:7]
+    print("pp2->tp2 rel loss diff", _rel(r["losses"], original))
+    assert _rel(r["losses"], original) <= REL_TOL
+
+
+def test_source_layouts_agree_and_saved_once(launched):
+    s = launched.source
+    for src in SOURCES:
+        assert s[src]["checkpoints"] == ["latest", "step_0000004"]
+        assert _rel(s[src]["losses"], s["dp2"]["losses"]) <= REL_TOL
+    assert s["dp2"]["losses"][-1] < s["dp2"]["losses"][0]
+
+
+@pytest.mark.parametrize("src", SOURCES)
+def test_offline_consolidation_matches_the_gathered_state_and_the_export(launched, src):
+    from megaret.export import consolidate
+    from megaret.train.reshard import consolidate_training_state
+
+    ckpt = launched.work / src / "run" / "checkpoints" / "step_0000004"
+    full = consolidate_training_state(ckpt, verify(ckpt))
+    want = torch.load(launched.work / src / "step4.pt", weights_only=True)
+    assert full.params.keys() == want["params"].keys()
+    assert float(full.step) == 4.0 and full.engine_counters["global_steps"] == 4
+    exported, _ = consolidate(ckpt)
+    for name, value in full.params.items():
+        assert torch.equal(value, want["params"][name]) and torch.equal(value, exported[name]), name
+        for m in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(full.moments[name][m], want[m][name]), (m, name)
+
+
+# ------------------------------------------------------------------------------------------
+# refusals (one process, no launch)
+
+
+def _checkpointer(saved: dict, here: dict, loader: object | None = None):
+    from megaret.train.checkpoint import Checkpointer
+
+    cp = object.__new__(Checkpointer)
+    ctx = types.SimpleNamespace(world_size=here["world_size"], tp=types.SimpleNamespace(size=here["tensor"]),
+                                pp_size=here["pipeline"], virtual_pipeline=None, dp_size=here["data"])
+    cfg = types.SimpleNamespace(parallel=types.SimpleNamespace(zero_stage=here["zero_stage"]),
+                                data=types.SimpleNamespace(source="synthetic"))
+    cp.trainer = types.SimpleNamespace(ctx=ctx, cfg=cfg, batches=types.SimpleNamespace(loader=loader))
+    manifest = {"data_source": "synthetic", "layout": dict(saved, virtual_pipeline=None)}
+    return cp, manifest
+
+
+LAY = {"world_size": 2, "tensor": 2, "pipeline": 1, "data": 1, "zero_stage": 1}
+
+
+def test_same_layout_loads_directly_and_another_is_resharded():
+    cp, manifest = _checkpointer(LAY, LAY)
+    assert cp._check_layout(Path("ckpt"), manifest) is False
+    cp, manifest = _checkpointer(LAY, dict(LAY, tensor=1, data=2))
+    assert cp._check_layout(Path("ckpt"), manifest) is True
+
+
+def test_unsupported_layout_changes_are_refused_naming_the_fix():
+    cp, manifest = _checkpointer(LAY, dict(LAY, tensor=1, data=2, zero_stage=0))
+    with pytest.raises(CheckpointError, match=r"tensor: saved 2, now 1.*ZeRO-1/2.*resume with the saved"):
+        cp._check_layout(Path("ckpt"), manifest)
+    cp, manifest = _checkpointer(dict(LAY, zero_stage=3), dict(LAY, world_size=1, tensor=1, zero_stage=3))
+    with pytest.raises(CheckpointError, match="parallel.zero_stage=1"):
+        cp._check_layout(Path("ckpt"), manifest)
+    # a data loader's position is tied to the DP size: DP changes only with synthetic data
+    cp, manifest = _checkpointer(LAY, dict(LAY, tensor=1, data=2), loader=object())
+    with pytest.raises(CheckpointError, match="keep 1 data-parallel ranks"):
+        cp._check_layout(Path("ckpt"), manifest)
+    cp, manifest = _checkpointer(LAY, dict(LAY, tensor=1, pipeline=2), loader=object())
+    assert cp._check_layout(Path("ckpt"), manifest) is True  # TP/PP change at the same DP size
+
+
+def test_consolidation_refuses_zero3_checkpoints(tmp_path):
+    from megaret.train.reshard import consolidate_training_state
+
+    manifest = {"layout": dict(LAY, zero_stage=3)}
+    with pytest.raises(CheckpointError, match="zero_stage=3.*resume it with its own layout"):
+        consolidate_training_state(tmp_path, manifest)
