@@ -192,23 +192,6 @@ def load_resharded(engine: Any, chunks: list[torch.nn.Module], ctx: Any, state: 
             setattr(engine, k, v)
 
 
-def _gather_full(chunks: list[torch.nn.Module], ctx: Any, value_of) -> dict[str, torch.Tensor]:
-    mine: dict[str, torch.Tensor] = {}
-    for chunk in chunks:
-        for name, p in chunk.named_parameters():
-            t = value_of(p).detach().float().clone()
-            if getattr(p, "tensor_model_parallel", False) and ctx.tp.size > 1:
-                parts = [torch.empty_like(t) for _ in range(ctx.tp.size)]
-                dist.all_gather(parts, t.contiguous(), group=ctx.tp.group)
-                t = torch.cat(parts, dim=p.partition_dim)
-            mine[chunk.global_name(name)] = t.cpu()
-    if ctx.pp_size == 1:
-        return mine
-    stages: list[dict | None] = [None] * ctx.pp_size
-    dist.all_gather_object(stages, mine, group=ctx.pp_group)
-    return {k: v for stage in stages for k, v in stage.items()}
-
-
 def full_optimizer_state(engine: Any, chunks: list[torch.nn.Module], ctx: Any,
                          key: str) -> dict[str, torch.Tensor]:
     """Adam's `key` (exp_avg, exp_avg_sq) of every parameter of the full model, on every rank
@@ -232,4 +215,6 @@ def full_optimizer_state(engine: Any, chunks: list[torch.nn.Module], ctx: Any,
         dist.all_reduce(buf, group=ctx.dp_group)
         return buf.view(p.shape)
 
-    return _gather_full(chunks, ctx, value_of)
+    from megaret.train.engine import gather_full  # engine imports heavy deps; keep this module light
+
+    return gather_full(chunks, ctx, value_of)
