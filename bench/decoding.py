@@ -4,9 +4,11 @@ the Transformer's KV cache, same width and depth, equal parameters (RetNet FFN 2
     python bench/decoding.py [--quick] [--hidden 1024 --layers 4 --heads 8 --vocab 32000]
 
 For each batch size (1, 8) and context length L (1k .. 16k) the carried state is filled
-synthetically at length L (random RetNetState matrices; random KV caches of L keys) instead
-of by a slow prefill, then one-token steps are timed from it, the two models interleaved
-(RetNet step, Transformer step, alternating which goes first) so both see the same load.
+synthetically at length L (random RetNetState matrices; random KV caches of L keys in
+buffers of capacity L + HEADROOM) instead of by a slow prefill, then one-token steps are
+timed from it, the decoders interleaved (alternating which goes first) so all see the same
+load. The Transformer's steps advance its cache (L, L + 1, ...: what decoding does; the
+in-place append needs the cache at its buffer's frontier).
 Latency is the minimum over the repetitions (the median is in the table too): on a shared
 machine the minimum estimates a step's own cost, the median mostly the other tenants'.
 
@@ -19,11 +21,22 @@ Beside each measured latency ratio the bytes ratio is printed.
 Goals: RetNet latency and memory flat (<= 1.1x from the shortest to the longest length);
 at the longest length the Transformer/RetNet latency ratio is >= 70% of the bytes ratio.
 Two Transformer decoders are timed: `transformer`, the model's own forward with its KVCache
-(which concatenates the cache for every token, so each step also copies the whole cache),
-and `transformer_prealloc`, the same layers and weights stepping over a cache preallocated
-to L + 1 (the new key/value written in place, attention reading the L + 1 keys without a
-copy; its logits are checked against the model's). The prealloc one is the bytes-bound
-competitor; the goal is checked against both.
+(preallocated: the new key/value is written in place at the buffer's frontier and the
+attention reads the L + 1 keys as a view, no copy), and `transformer_prealloc`, a
+hand-written loop over the same layers and weights doing the same over the same buffers
+(a reference: its logits are checked against the model's, and its time shows what the
+model's forward adds around the arithmetic). The goal is checked against both.
+
+Roofline (the summary line, per batch size at the longest length): the same run also times
+the weight GEMMs alone (one F.linear per weight matrix but the embedding, input (B, in)) of
+each model, and the Transformer's attention alone (SDPA of one query per sample over each
+layer's cache). weight GB/s and GFLOP/s are what those GEMMs achieve; `gemm_growth` is a
+batch's GEMM time over batch 1's: ~1 means the GEMMs stream the weights (bytes-bound), ~B
+means they are compute-bound, where the bytes model (and the bytes ratio) stops predicting
+latency. `overhead_ms` = RetNet's step minus its GEMMs (norms, the state update, framework
+time per op: the same order for both models), and `time_model_ratio` = (RetNet step - RetNet
+GEMMs + Transformer GEMMs + attention) / RetNet step predicts the latency ratio from these
+measured parts instead of from bytes.
 """
 
 from __future__ import annotations
@@ -48,6 +61,20 @@ def nbytes(tensors) -> int:  # noqa: ANN001
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+HEADROOM = 64  # free cache slots beyond L: the Transformer's timed steps append into them
+
+
+def best_ms(fn, reps: int) -> float:  # noqa: ANN001
+    """The minimum wall time of fn() over reps calls after one warm-up, in ms."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times) * 1e3
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="hidden 256, 2 layers, L in 1k and 4k")
@@ -57,13 +84,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--lengths", type=int, nargs="*", default=[1024, 2048, 4096, 8192, 16384])
     ap.add_argument("--batches", type=int, nargs="*", default=[1, 8])
-    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--reps", type=int, default=7, help=f"timed steps per decoder (< {HEADROOM - 2})")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared machine)")
     ap.add_argument("--plot", default=str(OUT_DIR / "decoding.png"))
     args = ap.parse_args(argv)
     if args.quick:
         args.hidden, args.layers, args.heads, args.vocab = 256, 2, 4, 2048
         args.lengths, args.reps = [1024, 4096], 3
+    if args.reps > HEADROOM - 2:
+        ap.error(f"--reps must stay below {HEADROOM - 2}: the cache has {HEADROOM} free slots")
 
     import torch
     import torch.nn.functional as F
@@ -98,11 +127,10 @@ def main(argv: list[str] | None = None) -> dict:
         if name == "retnet":
             shape = (b, ret.local_heads, ret.key_dim, ret.value_dim)
             return RetNetState([torch.randn(shape, generator=g) * 0.02 for _ in range(nl)], length)
-        kv = (b, nh, length + 1, hd)  # one free slot: the prealloc decoder writes the new token there
+        kv = (b, nh, length + HEADROOM, hd)  # L random keys/values, then free slots for the steps
         bufs = [(torch.randn(kv, generator=g), torch.randn(kv, generator=g)) for _ in range(nl)]
-        caches = [KVCache(k[:, :, :length], v[:, :, :length], torch.ones(b, length, dtype=torch.bool))
-                  for k, v in bufs]  # views of the same storage
-        return TransformerState(caches, length), bufs
+        caches = [KVCache.from_buffers(k, v, None, length) for k, v in bufs]  # takes the buffers over
+        return TransformerState(caches, length)
 
     def state_tensors(state) -> list:  # noqa: ANN001
         if isinstance(state, RetNetState):
@@ -110,65 +138,96 @@ def main(argv: list[str] | None = None) -> dict:
         return [t for c in state.layers for t in (c.k, c.v)]
 
     @torch.no_grad()
-    def prealloc_step(bufs, length: int, tok):  # noqa: ANN001
-        """One token through the Transformer's layers with the cache preallocated to length + 1."""
-        m = models["transformer"]
+    def prealloc_step(state, tok):  # noqa: ANN001
+        """Reference: one token through the Transformer's layers by hand, written into the slot
+        at the frontier of the model's cache buffers (beyond every live entry: the model's next
+        step overwrites it) and attending to the length + 1 keys as a view of the buffer."""
+        m, length = models["transformer"], state.position
         x = m.embedding(tok.t().contiguous())  # (1, B, d)
-        for layer, (kb, vb) in zip(m.layers, bufs, strict=True):
-            a = layer.attention
+        for layer, cache in zip(m.layers, state.layers, strict=True):
+            a, buf = layer.attention, cache.buffer
+            assert buf.length == cache.length == length
             q, k, v, scale = a.qkv(layer.attention_norm(x), length)  # (B, H, 1, D), rotated
-            kb[:, :, length] = k[:, :, 0]
-            vb[:, :, length] = v[:, :, 0]
+            buf.k[:, :, length] = k[:, :, 0]
+            buf.v[:, :, length] = v[:, :, 0]
+            kb, vb = buf.k[:, :, :length + 1], buf.v[:, :, :length + 1]
             o = F.scaled_dot_product_attention(q, kb, vb, scale=scale)  # (B, H, 1, D): sees all L + 1
             x = x + a.out_proj(a.merge(o))[0]
             x = x + layer.ffn(layer.ffn_norm(x))
         return m.output(m.final_norm(x))[0].transpose(0, 1)  # (B, 1, V)
 
+    states: dict = {}  # the decoders' current states (per batch size and length)
+
     @torch.no_grad()
-    def step(name: str, state, tok):  # noqa: ANN001
+    def step(name: str, tok) -> torch.Tensor:
+        """One decoding step of `name` from states[name]; the Transformer's state advances."""
         if name == "retnet":
-            return models[name](tok, state=state, mode="recurrent").logits
+            return models[name](tok, state=states[name], mode="recurrent").logits
         if name == "transformer":
-            return models[name](tok, state=state).logits
-        return prealloc_step(state, state[0][0].shape[2] - 1, tok)
+            out = models[name](tok, state=states[name])
+            states[name] = out.state
+            return out.logits
+        return prealloc_step(states["transformer"], tok)
+
+    weights = {n: [p for name, p in m.named_parameters() if p.dim() == 2 and not name.startswith("embedding")]
+               for n, m in models.items()}
+
+    @torch.no_grad()
+    def gemms(name: str, b: int) -> float:
+        """ms for the weight GEMMs alone of one decoding step of `name` at batch b."""
+        xs = {w.shape[1]: torch.randn(b, w.shape[1]) for w in weights[name]}
+        return best_ms(lambda: [F.linear(xs[w.shape[1]], w) for w in weights[name]], args.reps)
+
+    @torch.no_grad()
+    def attention_ms(state, b: int) -> float:  # noqa: ANN001
+        """ms for the Transformer's attention alone: one query per sample over each layer's cache."""
+        q = torch.randn(b, nh, 1, hd)
+        return best_ms(lambda: [F.scaled_dot_product_attention(q, c.k, c.v) for c in state.layers], args.reps)
 
     deciders = ["retnet", "transformer", "transformer_prealloc"]
-    rows = []
+    rows, roof = [], {}
     for b in args.batches:
         tok = torch.randint(args.vocab, (b, 1))
         for length in args.lengths:
-            states, grown = {}, {}
+            states.clear()
+            grown = {}
             for name in models:
                 r0 = rss_bytes()
                 states[name] = make_state(name, b, length)
                 grown[name] = rss_bytes() - r0
-            states["transformer"], states["transformer_prealloc"] = states["transformer"]
-            grown["transformer_prealloc"] = grown["transformer"]
-            a = step("transformer", states["transformer"], tok)
-            p = step("transformer_prealloc", states["transformer_prealloc"], tok)
+            sizes = {n: nbytes(state_tensors(states[n])) for n in models}  # at length L
+            p = step("transformer_prealloc", tok)  # writes the frontier slot L, reads L + 1 keys
+            a = step("transformer", tok)  # writes the same slot (same key/value), advances to L + 1
             prealloc_err = ((a - p).abs().max() / a.abs().max()).item()
             if prealloc_err > 1e-4:
                 raise AssertionError(f"the prealloc step disagrees with the model: {prealloc_err:.2e}")
+            if length == max(args.lengths):  # the roofline parts, under the same load as the steps
+                roof[b] = {"gemm_ms": {n: gemms(n, b) for n in models}, "kv_bytes": sizes["transformer"],
+                           "attention_ms": attention_ms(states["transformer"], b)}
             times = {n: [] for n in deciders}
             for rep in range(args.reps + 1):  # the first round warms up
                 for name in (deciders if rep % 2 else deciders[::-1]):
                     t0 = time.perf_counter()
-                    step(name, states[name], tok)
+                    step(name, tok)
                     dt = time.perf_counter() - t0
                     if rep:
                         times[name].append(dt)
+            if states["transformer"].layers[0].buffer.capacity != length + HEADROOM:
+                raise AssertionError("the Transformer's cache was reallocated while timing")
             row = {"batch": b, "length": length, "prealloc_logits_rel_err": prealloc_err}
             read = {}
             for name in deciders:
                 row[f"{name}_ms"] = round(min(times[name]) * 1e3, 3)
                 row[f"{name}_median_ms"] = round(median(times[name]) * 1e3, 3)
             for name in models:
-                sb = nbytes(state_tensors(states[name]))
+                sb = sizes[name]
                 read[name] = weight_bytes[name] - embed_bytes[name] + b * d * 4 + sb
                 row[f"{name}_state_mib"] = round(sb / 2**20, 2)
                 row[f"{name}_held_mib"] = round((weight_bytes[name] + sb) / 2**20, 1)
                 row[f"{name}_rss_growth_mib"] = round(grown[name] / 2**20, 1)
                 row[f"{name}_read_mib"] = round(read[name] / 2**20, 1)
+            row["transformer_buffer_mib"] = round(  # what the cache buffers hold: L + HEADROOM slots
+                nbytes(t for c in states["transformer"].layers for t in (c.buffer.k, c.buffer.v)) / 2**20, 2)
             row["bytes_ratio"] = round(read["transformer"] / read["retnet"], 3)
             for name, key in (("transformer", ""), ("transformer_prealloc", "_prealloc")):
                 row[f"latency_ratio{key}"] = round(row[f"{name}_ms"] / row["retnet_ms"], 3)
@@ -179,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"(prealloc {row['transformer_prealloc_ms']:9.2f})"
                   f"  latency ratio {row['latency_ratio']:6.2f} ({row['latency_ratio_prealloc']:6.2f})"
                   f"  bytes ratio {row['bytes_ratio']:6.2f}", file=sys.stderr, flush=True)
-            del states
+            states.clear()
 
     lo, hi = min(args.lengths), max(args.lengths)
     pairs: dict = {}
@@ -193,6 +252,28 @@ def main(argv: list[str] | None = None) -> dict:
         pairs[f"b{b}_latency_ratio_prealloc_at_{hi}"] = r_hi["latency_ratio_prealloc"]
         pairs[f"b{b}_latency_over_bytes"] = r_hi["latency_over_bytes"]
         pairs[f"b{b}_latency_over_bytes_prealloc"] = r_hi["latency_over_bytes_prealloc"]
+    b1 = min(args.batches)
+    for b, r in roof.items():
+        g, att = r["gemm_ms"], r["attention_ms"]
+        pairs[f"b{b}_gemm_ms_retnet"] = g["retnet"]
+        pairs[f"b{b}_gemm_ms_transformer"] = g["transformer"]
+        pairs[f"b{b}_attention_ms"] = att
+        # achieved rates of the Transformer's weight GEMMs (2 flops per weight per sample)
+        n_w = sum(w.numel() for w in weights["transformer"])
+        w_bytes = nbytes(weights["transformer"])
+        pairs[f"b{b}_gemm_gbps"] = w_bytes / g["transformer"] / 1e6
+        pairs[f"b{b}_gemm_gflops"] = 2 * b * n_w / g["transformer"] / 1e6
+        pairs[f"b{b}_kv_gbps"] = r["kv_bytes"] / att / 1e6
+        pairs[f"b{b}_gemm_growth"] = g["retnet"] / roof[b1]["gemm_ms"]["retnet"]  # vs the smallest batch
+        step_ms = next(r["retnet_ms"] for r in rows if r["batch"] == b and r["length"] == hi)
+        pairs[f"b{b}_overhead_ms"] = step_ms - g["retnet"]
+        pairs[f"b{b}_time_model_ratio"] = (step_ms - g["retnet"] + g["transformer"] + att) / step_ms
+        print(f"B={b} L={hi}: weight GEMMs retnet {g['retnet']:.2f} ms, transformer {g['transformer']:.2f} ms"
+              f" ({pairs[f'b{b}_gemm_gbps']:.1f} GB/s, {pairs[f'b{b}_gemm_gflops']:.1f} GFLOP/s, "
+              f"{pairs[f'b{b}_gemm_growth']:.2f}x batch {b1}'s time); attention {att:.2f} ms "
+              f"({pairs[f'b{b}_kv_gbps']:.1f} GB/s of KV cache); RetNet step {step_ms:.2f} ms "
+              f"({pairs[f'b{b}_overhead_ms']:.2f} ms outside GEMMs); time-model latency ratio "
+              f"{pairs[f'b{b}_time_model_ratio']:.2f}", file=sys.stderr, flush=True)
     flat = all(pairs[f"b{b}_retnet_latency_growth"] <= 1.1 and pairs[f"b{b}_retnet_memory_growth"] <= 1.1
                for b in args.batches)
     pairs["goal_retnet_flat"] = "pass" if flat else "FAIL"
@@ -212,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
          "series": series("held_mib", models)},
     ], f"decoding, CPU fp32, hidden {d}, {nl} layers, {nh} heads")
     result = {"bench": "decoding", "config": vars(args), "parameters": params, "table": rows, "plot": plot,
-              "summary": pairs}
+              "roofline": {str(b): r for b, r in roof.items()}, "summary": pairs}
     emit("decoding", result, pairs)
     return result
 

@@ -8,7 +8,13 @@ import torch
 
 from megaret.config import load_config
 from megaret.models.factory import build_model
-from megaret.ops.attention import blockwise_window_attention, cached_attention, naive_attention, visible
+from megaret.ops.attention import (
+    attend_to_cache,
+    blockwise_window_attention,
+    cached_attention,
+    naive_attention,
+    visible,
+)
 from megaret.parallel.megatron_config import megatron_config
 
 
@@ -75,6 +81,25 @@ def test_full_causal_with_kv_cache():
     out = cached_attention(q[:, :, 6:], k[:, :, 6:], v[:, :, 6:], 6, None, k[:, :, :6], v[:, :, :6])
     assert rel(out, ref[:, :, 6:]) < 1e-12
     assert rel(cached_attention(q, k, v, 0, None), ref) < 1e-12
+
+
+def test_attention_over_a_preallocated_cache_view():
+    """The new tokens' queries over views of a larger buffer that already holds their keys:
+    one query unmasked, several causally masked, invalid history masked per sample."""
+    q, k, v = qkv(2, 2, 12, 8, seed=3)
+    kb, vb = torch.zeros(2, 2, 20, 8, dtype=torch.float64), torch.zeros(2, 2, 20, 8, dtype=torch.float64)
+    kb[:, :, :12], vb[:, :, :12] = k, v  # capacity 20, 12 entries written
+    pos = torch.arange(12)
+    ref = naive_attention(q, k, v, visible(pos, pos, None))
+    one = attend_to_cache(q[:, :, 11:], kb[:, :, :12], vb[:, :, :12], 11)
+    assert rel(one, ref[:, :, 11:]) < 1e-12
+    several = attend_to_cache(q[:, :, 8:], kb[:, :, :12], vb[:, :, :12], 8)
+    assert rel(several, ref[:, :, 8:]) < 1e-12
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    valid[1, :8] = False  # sample 1 dropped its history before position 8
+    masked = attend_to_cache(q[:, :, 8:], kb[:, :, :12], vb[:, :, :12], 8, key_valid=valid)
+    fresh = naive_attention(q[1:, :, 8:], k[1:, :, 8:], v[1:, :, 8:], visible(pos[8:], pos[8:], None))
+    assert rel(masked[:1], ref[:1, :, 8:]) < 1e-12 and rel(masked[1:], fresh) < 1e-12
 
 
 # --------------------------------------------------------------------------------------------

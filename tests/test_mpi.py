@@ -41,6 +41,18 @@ def env(**extra: str) -> dict[str, str]:
     return {**keep, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **extra}
 
 
+def launch(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run a launcher command from the repository root; fail with the tail of its output."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(), cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def mpirun(local_mpi: str, *cmd: str) -> list[str]:
+    """`mpirun -np 2` as root in a container (oversubscribed, unbound)."""
+    return [local_mpi, "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", "2", *cmd]
+
+
 # ---------------------------------------------------------------------------------------------
 # reading launcher variables
 
@@ -105,15 +117,8 @@ def test_first_host_of_a_nodelist(nodelist, first):
 
 @pytest.mark.root_install
 def test_srun_tasks_discover_one_world(local_slurm, tmp_path):
-    proc = subprocess.run(
-        ["srun", "--ntasks=2", "--cpus-per-task=1", "--time=5", sys.executable, "-c", PROBE, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env(),
-        cwd=REPO,
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc = launch(["srun", "--ntasks=2", "--cpus-per-task=1", "--time=5", sys.executable, "-c", PROBE,
+                   str(tmp_path)])
     got = probes(tmp_path)
     assert len(got) == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert [(p["source"], p["rank"], p["world_size"], p["local_rank"]) for p in got] == [
@@ -127,25 +132,7 @@ def test_srun_tasks_discover_one_world(local_slurm, tmp_path):
 
 @pytest.mark.root_install
 def test_mpirun_ranks_share_rank0s_port(local_mpi, tmp_path):
-    proc = subprocess.run(
-        [
-            local_mpi,
-            "--allow-run-as-root",
-            "--oversubscribe",
-            "-np",
-            "2",
-            sys.executable,
-            "-c",
-            PROBE,
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env(),
-        cwd=REPO,
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc = launch(mpirun(local_mpi, sys.executable, "-c", PROBE, str(tmp_path)))
     got = probes(tmp_path)
     assert len(got) == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert [(p["source"], p["rank"], p["world_size"], p["local_rank"]) for p in got] == [
@@ -165,51 +152,10 @@ def test_mpirun_trains_like_torchrun(local_mpi, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ref_dir, mpi_dir = tmp_path / "torchrun", tmp_path / "mpirun"
-    torchrun = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(port),
-            "-m",
-            "megaret.train",
-            *TRAIN,
-            f"run.dir={ref_dir}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env(),
-        cwd=REPO,
-    )
-    assert torchrun.returncode == 0, torchrun.stdout[-3000:] + torchrun.stderr[-3000:]
-    mpirun = subprocess.run(
-        [
-            local_mpi,
-            "--allow-run-as-root",
-            "--oversubscribe",
-            "--bind-to",
-            "none",
-            "-np",
-            "2",
-            sys.executable,
-            "-m",
-            "megaret.train",
-            *TRAIN,
-            f"run.dir={mpi_dir}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env(),
-        cwd=REPO,
-    )
-    assert mpirun.returncode == 0, mpirun.stdout[-3000:] + mpirun.stderr[-3000:]
+    train = [sys.executable, "-m", "megaret.train", *TRAIN]
+    launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+            "127.0.0.1", "--master_port", str(port), *train[1:], f"run.dir={ref_dir}"], timeout=600)
+    launch(mpirun(local_mpi, *train, f"run.dir={mpi_dir}"), timeout=600)
     reference, losses = tensorboard_scalars(ref_dir), tensorboard_scalars(mpi_dir)
     assert [s for s, _ in reference] == [1, 2, 3, 4]
     assert losses == reference

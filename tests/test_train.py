@@ -49,6 +49,10 @@ def test_lr_schedule_shapes():
         assert learning_rate(110, opt, 110) == pytest.approx(1.0 if style == "constant" else 0.1), style
     opt.decay_style = "cosine"
     assert learning_rate(35, opt, 110) == pytest.approx(0.1 + 0.9 * (1 + math.cos(math.pi / 4)) / 2)
+    opt.decay_style, opt.decay_power = "polynomial", 2.0
+    assert learning_rate(60, opt, 110) == pytest.approx(0.1 + 0.9 * 0.25)
+    with pytest.raises(ConfigError, match="optimizer.decay_power"):
+        load_config("configs/tiny.yaml", ["optimizer.decay_power=0"])
 
 
 def test_synthetic_batches_split_one_global_batch_over_dp():

@@ -107,7 +107,7 @@ def test_layouts_equal_one_process(archs, arch, layout):
 
 
 def test_trainer_doc_resets_equal_documents_run_separately(archs):
-    r = archs.ref["doc_reset"]
-    print(json.dumps(r))
-    assert r["trainer_on"] == pytest.approx(r["separate"], rel=1e-6, abs=0)
-    assert abs(r["trainer_off"] - r["separate"]) > 1e-3  # without resets the documents mix
+    for arch, r in archs.ref["doc_reset"].items():
+        print(arch, json.dumps(r))
+        assert r["trainer_on"] == pytest.approx(r["separate"], rel=1e-6, abs=0), arch
+        assert abs(r["trainer_off"] - r["separate"]) > 1e-4, arch  # without resets the documents mix

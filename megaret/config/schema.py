@@ -236,11 +236,12 @@ class OptimizerConfig(_Section):
     weight_decay: float = 0.01
     warmup_steps: int = 375
     decay_style: str = "polynomial"
+    decay_power: float = 1.0  # exponent of the polynomial decay (1: linear, as RetNet's recipe)
     clip_grad: float = 2.0  # global gradient-norm clip (0 disables)
 
     def __post_init__(self) -> None:
         self._check_choices()
-        self._positive("lr", "eps")
+        self._positive("lr", "eps", "decay_power")
         self._non_negative("min_lr", "weight_decay", "warmup_steps", "clip_grad")
         if self.min_lr > self.lr:
             raise ConfigError(

@@ -8,7 +8,9 @@ One decoder per architecture, each exact (the tests compare it with a full forwa
   token is one step of the recurrent form (`mode="recurrent"`) on the carried RetNetState:
   O(1) time and memory per token whatever the context length.
 - Transformer (causal or sliding): the prompt fills the KV cache, then one token per call;
-  the causal cache grows with the context, the sliding one keeps the window.
+  the causal cache grows with the context (written in place into a preallocated buffer,
+  which `generate` reserves for prompt + max_new_tokens after the prefill, so decoding never
+  reallocates), the sliding one keeps the window.
 - Block-Recurrent Transformer: its recurrent layer only takes block-aligned calls, and the
   state of block i is needed by every token of block i + 1. The decoder keeps the state at
   the last completed block boundary and re-runs the current partial block (padded to W
@@ -27,6 +29,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from megaret.models.attention_layer import KVCache
 
 
 def sample_next(
@@ -74,6 +78,9 @@ class Decoder:
     def step(self, token: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def reserve(self, total: int) -> None:
+        """Make room in the carried state for `total` tokens in all (a hint; default: nothing)."""
+
 
 class RetNetDecoder(Decoder):
     """Chunkwise prefill, then O(1) recurrent steps on the carried RetNetState."""
@@ -99,6 +106,13 @@ class CachedDecoder(Decoder):
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
         return self.prefill(token[:, None])
+
+    def reserve(self, total: int) -> None:
+        """The causal cache keeps every key: preallocate it for `total` tokens (one copy now
+        instead of a few geometric reallocations while decoding). The sliding one is bounded."""
+        if self.state is None or getattr(self.model, "window", 0) is not None:
+            return  # windowed (bounded cache), or a model that does not say
+        self.state.layers = [s.reserve(total) if isinstance(s, KVCache) else s for s in self.state.layers]
 
 
 class BlockDecoder(Decoder):
@@ -179,6 +193,7 @@ def generate(
         decoder = make_decoder(model)
         ids = prompt_ids.to(device)
         logits = decoder.prefill(ids)
+        decoder.reserve(ids.shape[1] + max_new_tokens)
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
         new = []
         for i in range(max_new_tokens):

@@ -3,7 +3,9 @@
 q/k/v come from ColumnParallelLinear (each TP rank holds H / tp whole heads), the output
 goes through RowParallelLinear (all-reduce). Positions are rotary. With `window` set the
 attention is block-windowed (previous block + causal current block) and the cache keeps
-only what the next token can still see; without it the cache keeps every key (decoding).
+only what the next token can still see; without it the cache keeps every key (decoding),
+in a preallocated buffer that grows geometrically, so a decoding step writes its key and
+value in place instead of copying the whole cache.
 """
 
 from __future__ import annotations
@@ -18,38 +20,224 @@ from torch import nn
 
 from megaret.models.parallel_linear import column, row
 from megaret.models.rotary import Rotary
-from megaret.ops.attention import blockwise_window_attention, cached_attention, trim_cache
+from megaret.ops.attention import (
+    attend_to_cache,
+    blockwise_window_attention,
+    cached_attention,
+    key_documents,
+    trim_cache,
+)
 from megaret.parallel.context import TensorParallel
+
+GROWTH = 1.5  # capacity multiplier on reallocation: O(log N) copies for N appended tokens
+_ALIGN = 64  # capacities are rounded up to a multiple of this many tokens
+
+
+def grown_capacity(needed: int) -> int:
+    """The capacity a buffer that must hold `needed` tokens is reallocated to (geometric growth)."""
+    return -(-max(needed, int(needed * GROWTH)) // _ALIGN) * _ALIGN
+
+
+class KVBuffer:
+    """Preallocated storage behind the KVCaches of one decoding stream.
+
+    k, v: (B, H_local, capacity, D); valid: (B, capacity) bool. `length` is the frontier: the
+    number of entries some cache over this buffer has written. Every cache over the buffer is
+    a view of the first n <= length entries, and entries are only ever written at the frontier,
+    so appending never changes what an existing cache sees. A cache that is not at the frontier
+    (someone already appended from it: branching, re-running a step) appends by copying into a
+    new buffer instead. Entries from the frontier on are valid (True) until written.
+    """
+
+    __slots__ = ("k", "v", "valid", "length", "all_valid")
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, length: int,
+                 all_valid: bool | None = None) -> None:
+        fits = k.shape == v.shape and valid.shape == (k.shape[0], k.shape[2])
+        if not (fits and 0 <= length <= k.shape[2]):
+            raise ValueError(f"KVBuffer: k {tuple(k.shape)}, v {tuple(v.shape)}, valid {tuple(valid.shape)}, "
+                             f"length {length} do not fit together")
+        self.k, self.v, self.valid, self.length = k, v, valid, length
+        # whether entries [0, length) are all valid (None: not known, look when asked)
+        self.all_valid = all_valid
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    @classmethod
+    def copy_of(cls, cache: KVCache, capacity: int, like: torch.Tensor | None = None) -> KVBuffer:
+        """A new buffer of `capacity` >= cache.length holding a copy of the cache (dtype and
+        device of `like` when given, else of the cache)."""
+        b, h, n, d = cache.k.shape
+        like = cache.k if like is None else like
+        k = torch.empty(b, h, capacity, d, dtype=like.dtype, device=like.device)
+        v = torch.empty_like(k)
+        valid = torch.ones(b, capacity, dtype=torch.bool, device=like.device)
+        k[:, :, :n] = cache.k
+        v[:, :, :n] = cache.v
+        valid[:, :n] = cache.valid
+        return cls(k, v, valid, n, bool(cache.valid.all()))
+
+    def view(self, n: int) -> KVCache:
+        """The cache of the first n <= length entries."""
+        cache = KVCache(self.k[:, :, :n], self.v[:, :, :n], self.valid[:, :n])
+        cache._buffer = self
+        return cache
+
+    def extends(self, cache: KVCache, k: torch.Tensor) -> bool:
+        """Whether appending k (B, H, T, D) from `cache` may write into this buffer in place."""
+        n, t = cache.length, k.shape[2]
+        return (self.length == n and n + t <= self.capacity and k.dtype == self.k.dtype
+                and k.device == self.k.device and k.shape[:2] == self.k.shape[:2]
+                and k.shape[3] == self.k.shape[3]
+                and (not self.k.is_inference() or torch.is_inference_mode_enabled()))
 
 
 @dataclass
 class KVCache:
-    """Keys (rotated) and values of the tokens before the next call, with per-sample validity."""
+    """Keys (rotated) and values of the tokens before the next call, with per-sample validity.
+
+    k, v and valid may be views of the first L entries of a larger KVBuffer (capacity >= L):
+    `append` then writes new tokens in place. The buffer is not a dataclass field, so a
+    checkpoint (megaret.train.checkpoint.pack_state) holds only the live, compact views, and
+    a cache rebuilt from them has capacity L (its next append reallocates).
+    """
 
     k: torch.Tensor  # (B, H_local, L, D)
     v: torch.Tensor  # (B, H_local, L, D)
     valid: torch.Tensor  # (B, L) bool: False for history a sample has dropped (document start)
 
+    def __post_init__(self) -> None:
+        self._buffer: KVBuffer | None = None  # storage with room to grow (not a dataclass field)
+
+    # -- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def with_capacity(cls, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None,
+                      capacity: int | None = None) -> KVCache:
+        """A cache of k, v (B, H, L, D) copied into a buffer with room for `capacity` >= L tokens
+        (default: grown_capacity(L)); valid (B, L) defaults to all True."""
+        if valid is None:
+            valid = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
+        cache = cls(k, v, valid)
+        capacity = grown_capacity(cache.length) if capacity is None else capacity
+        if capacity < cache.length:
+            raise ValueError(f"capacity {capacity} is below the cache length {cache.length}")
+        return KVBuffer.copy_of(cache, capacity).view(cache.length)
+
+    @classmethod
+    def from_buffers(cls, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None, length: int
+                     ) -> KVCache:
+        """A cache over the first `length` entries of k, v (B, H, capacity, D) and valid
+        (B, capacity), without copying: the cache takes the buffers over (entries from `length`
+        on are written by appends, and must be valid = True when valid is given)."""
+        if valid is None:
+            valid = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
+        return KVBuffer(k, v, valid, length, bool(valid[:, :length].all())).view(length)
+
+    # -- properties -------------------------------------------------------------------------------
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def capacity(self) -> int:
+        """How many tokens the storage under this cache holds (== length without a buffer)."""
+        return self.length if self._buffer is None else self._buffer.capacity
+
+    @property
+    def buffer(self) -> KVBuffer | None:
+        return self._buffer
+
+    def all_valid(self) -> bool:
+        """Whether no sample has dropped any of its history (known without a look when the
+        cache was grown from a buffer)."""
+        if self._buffer is not None and self._buffer.all_valid:
+            return True  # this cache's entries are some of the buffer's valid ones
+        return bool(self.valid.all())
+
+    # -- growing ----------------------------------------------------------------------------------
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> KVCache:
+        """The cache with T more tokens k, v (B, H, T, D) after this one's L: written in place
+        when this cache is the buffer's frontier and the capacity allows, otherwise into a new
+        buffer grown geometrically (one copy). This cache is left unchanged either way.
+
+        Under autograd (grad enabled and a tensor requires grad) it concatenates instead: an
+        in-place write would invalidate the views saved for backward."""
+        t = k.shape[2]
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad
+                                        or self.k.requires_grad or self.v.requires_grad):
+            valid = torch.ones(k.shape[0], t, dtype=torch.bool, device=k.device)
+            return KVCache(torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2),
+                           torch.cat([self.valid, valid], dim=1))
+        n = self.length
+        buf = self._buffer
+        if buf is None or not buf.extends(self, k):
+            buf = KVBuffer.copy_of(self, grown_capacity(n + t), like=k)
+        buf.k[:, :, n:n + t] = k
+        buf.v[:, :, n:n + t] = v
+        buf.length = n + t  # the new entries are valid: the buffer holds True from the frontier on
+        return buf.view(n + t)
+
+    def reserve(self, capacity: int) -> KVCache:
+        """This cache with room for at least `capacity` tokens without another reallocation
+        (itself when it already has it and is at its buffer's frontier, otherwise one copy)."""
+        buf = self._buffer
+        if buf is not None and buf.length == self.length and buf.capacity >= capacity:
+            return self
+        return KVBuffer.copy_of(self, max(capacity, self.length)).view(self.length)
+
+    # -- the rest ---------------------------------------------------------------------------------
+
     def detach(self) -> KVCache:
-        return KVCache(self.k.detach(), self.v.detach(), self.valid)
+        cache = KVCache(self.k.detach(), self.v.detach(), self.valid)
+        cache._buffer = self._buffer  # a buffer never requires grad (appends under autograd concatenate)
+        return cache
 
     def reset(self, reset: torch.Tensor | None) -> KVCache:
         """Drop the history of the samples flagged in reset (B,) bool."""
         if reset is None:
             return self
-        return KVCache(self.k, self.v, self.valid & ~reset[:, None])
+        return KVCache(self.k, self.v, self.valid & ~reset[:, None])  # the next append copies
+
+    def __getstate__(self) -> dict:
+        """Pickling (and deepcopy) keeps only the live entries, compact, without the buffer."""
+        if self._buffer is None:
+            return {"k": self.k, "v": self.v, "valid": self.valid}
+        return {"k": self.k.clone(memory_format=torch.contiguous_format),
+                "v": self.v.clone(memory_format=torch.contiguous_format),
+                "valid": self.valid.clone(memory_format=torch.contiguous_format)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._buffer = None
 
 
 def windowed_self_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None, position: int,
-    window: int | None, scale: float | None = None,
+    window: int | None, scale: float | None = None, doc: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, KVCache]:
     """Causal attention of T new tokens over [cache; new], choosing the cheapest exact path.
 
     q, k, v: (B, H, T, D), rotated; returns ((B, H, T, D), the cache for the next call).
-    A block-aligned call with a full previous block (training) batches every block in one
-    SDPA; anything else (decoding, unaligned lengths) takes the general masked path.
+    Without a window (full causal attention) the new keys/values are appended to the cache
+    in place (a preallocated, geometrically growing KVBuffer) and the queries attend to the
+    cache's L + T keys without another copy. With a window, a block-aligned call with a full
+    previous block (training) batches every block in one SDPA; anything else (decoding,
+    unaligned lengths) takes the general masked path, and the cache is trimmed.
+
+    doc: (B, T) long document ids of the new tokens (non-decreasing; 0 continues the cache's
+    document) or None. A query sees only keys of its own document, and the returned cache
+    keeps only the last document's keys valid (the next call continues that document).
     """
+    if window is None and cache is not None and (cache.length or cache.buffer is not None) and doc is None:
+        # (with document ids the general path below masks across documents)
+        cache = cache.append(k, v)  # (B, H, L + T, D) views, the new tokens last
+        key_valid = None if cache.all_valid() else cache.valid
+        return attend_to_cache(q, cache.k, cache.v, position, None, key_valid, scale), cache
     b, _, t, _ = q.shape
     cache_len = 0 if cache is None else cache.k.shape[2]
     aligned = window is not None and position % window == 0 and t % window == 0
@@ -57,16 +245,18 @@ def windowed_self_attention(
     uniform = cache_len == 0 or bool((cache.valid.all(1) | ~cache.valid.any(1)).all())
     if aligned and cache_len in (0, window) and uniform:
         prev = (cache.k, cache.v, cache.valid.all(dim=1)) if cache_len else (None, None, None)
-        o = blockwise_window_attention(q, k, v, window, *prev, scale=scale)
+        o = blockwise_window_attention(q, k, v, window, *prev, scale=scale, doc=doc)
     else:
         o = cached_attention(q, k, v, position, window, *(
-            (cache.k, cache.v, cache.valid) if cache_len else (None, None, None)), scale=scale)
+            (cache.k, cache.v, cache.valid) if cache_len else (None, None, None)), scale=scale, doc=doc)
     valid = torch.ones(b, t, dtype=torch.bool, device=q.device)
     if cache_len:
         keys, values = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)
         valid = torch.cat([cache.valid, valid], dim=1)
     else:
         keys, values = k, v
+    if doc is not None:  # only the last document continues into the next call
+        valid = valid & (key_documents(doc, valid.shape[1]) == doc[:, -1:])
     return o, KVCache(*trim_cache(keys, values, valid, position + t, window))
 
 
@@ -137,10 +327,12 @@ class SelfAttention(nn.Module):
             scale = 1.0
         return self.rotate(q, position), self.rotate(k, position), v, scale
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, position: int = 0
-                ) -> tuple[torch.Tensor, KVCache]:
-        """x: (T, B, d) at positions position.. -> ((T, B, d), the cache for the next call)."""
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, position: int = 0,
+                doc: torch.Tensor | None = None) -> tuple[torch.Tensor, KVCache]:
+        """x: (T, B, d) at positions position.. -> ((T, B, d), the cache for the next call);
+        doc: (B, T) document ids (0 continues the cache's document), or None."""
         q, k, v, scale = self.qkv(x, position)
-        o, new_cache = windowed_self_attention(q, k, v, cache, position, self.window, scale)  # (B, H, T, D)
+        o, new_cache = windowed_self_attention(q, k, v, cache, position, self.window, scale,
+                                               doc=doc)  # (B, H, T, D)
         out, _ = self.out_proj(self.merge(o))  # (T, B, d), all-reduced over TP
         return out, new_cache

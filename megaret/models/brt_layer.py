@@ -21,6 +21,7 @@ contiguous input slice is exactly its heads and any TP size computes the same fu
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +81,21 @@ class Gate(nn.Module):
         return c * torch.sigmoid(f + 1) + torch.tanh(z) * torch.sigmoid(i - 1)
 
 
+def _without_sequence_parallel(config: TransformerConfig) -> TransformerConfig:
+    """The same megatron config for linears whose input is not split along the sequence."""
+    if not config.sequence_parallel:
+        return config
+    plain = copy.copy(config)
+    plain.sequence_parallel = False
+    return plain
+
+
+def _replicated(norm: nn.Module) -> nn.Module:
+    """Mark a norm whose input is whole on every TP rank (not a sequence shard)."""
+    norm.replicated_input = True
+    return norm
+
+
 class RecurrentBlock(nn.Module):
     """One BRT recurrent layer: processes a block-aligned segment block by block."""
 
@@ -96,22 +112,24 @@ class RecurrentBlock(nn.Module):
         self.token_cross_scale = HeadScale(heads, self.attn.head_dim, tp)
         self.ffn_norm = build_norm(cfg.norm_type, d, cfg.norm_eps)
         self.ffn = FeedForward(d, cfg.ffn_hidden_size, cfg.ffn_type, config, tp)
-        # state side
-        self.state_norm = build_norm(cfg.norm_type, d, cfg.norm_eps)
-        self.state_q = column(d, d, config, tp)
-        self.state_cross_q = column(d, d, config, tp)
-        self.state_k = column(d, d, config, tp)
-        self.state_v = column(d, d, config, tp)
+        # state side: the S states are whole on every TP rank, also under sequence parallelism
+        # (which splits only the tokens), so its linears run plain TP and its norms are not tagged
+        sc = _without_sequence_parallel(config)
+        self.state_norm = _replicated(build_norm(cfg.norm_type, d, cfg.norm_eps))
+        self.state_q = column(d, d, sc, tp)
+        self.state_cross_q = column(d, d, sc, tp)
+        self.state_k = column(d, d, sc, tp)
+        self.state_v = column(d, d, sc, tp)
         self.state_scale = HeadScale(heads, self.attn.head_dim, tp)
         self.state_cross_scale = HeadScale(heads, self.attn.head_dim, tp)
-        self.state_gate = Gate(cfg.gate_type, 2 * d, d, config, tp)
+        self.state_gate = Gate(cfg.gate_type, 2 * d, d, sc, tp)
         self.state_skip = cfg.state_skip
         if not cfg.state_skip:
-            self.state_mlp_norm = build_norm(cfg.norm_type, d, cfg.norm_eps)
-            self.state_mlp_up = column(d, cfg.ffn_hidden_size, config, tp)
+            self.state_mlp_norm = _replicated(build_norm(cfg.norm_type, d, cfg.norm_eps))
+            self.state_mlp_up = column(d, cfg.ffn_hidden_size, sc, tp)
             glu = cfg.ffn_type == "swiglu"
-            self.state_mlp_glu = column(d, cfg.ffn_hidden_size, config, tp) if glu else None
-            self.state_mlp_gate = Gate(cfg.gate_type, cfg.ffn_hidden_size, d, config, tp)  # W_z = MLP down
+            self.state_mlp_glu = column(d, cfg.ffn_hidden_size, sc, tp) if glu else None
+            self.state_mlp_gate = Gate(cfg.gate_type, cfg.ffn_hidden_size, d, sc, tp)  # W_z = MLP down
         self.state_ids = nn.Parameter(torch.empty(cfg.num_states, d))
         self.initial_state = nn.Parameter(torch.empty(cfg.num_states, d))
         nn.init.normal_(self.state_ids, std=cfg.init_std)
@@ -147,17 +165,18 @@ class RecurrentBlock(nn.Module):
     # -- forward ------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, layer_state: BRTLayerState | None, position: int,
-                reset: torch.Tensor | None = None) -> tuple[torch.Tensor, BRTLayerState]:
+                reset: torch.Tensor | None = None, doc: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, BRTLayerState]:
         """x: (T, B, d), T a multiple of W, starting on a block boundary -> ((T, B, d), new state).
 
         reset (B,) bool restores the learned initial state (and drops the cached block) for
-        the samples that start a new document with this segment.
+        the samples that start a new document with this segment. doc (B, T) long: document ids
+        inside the segment (0 continues the carried state's document): no attention crosses a
+        document start; tokens of a document that starts inside block i read the initial state
+        instead of c_i, and the state leaving block i is the initial state updated with the
+        block's last document only.
         """
-        t, b, _ = x.shape
-        w = self.block_size
-        if t % w or position % w:
-            raise ValueError(f"the BRT layer needs block-aligned calls: {t} tokens at position {position} "
-                             f"with model.block_size={w}")
+        b, w = x.shape[1], self.block_size
         if layer_state is None:
             c, cache = self.initial(b), None
         else:
@@ -170,15 +189,35 @@ class RecurrentBlock(nn.Module):
         qc = self.token_cross_scale(a.heads(self.token_cross_q(h)[0]))  # token -> state queries
         k = F.normalize(a.heads(a.k_proj(h)[0]), dim=-1)  # (B, H, T, D) shared token keys
         v = a.heads(a.v_proj(h)[0])  # shared token values
+        t = q.shape[2]  # the full T (x is a T / tp shard under sequence parallelism)
+        if t % w or position % w:
+            raise ValueError(f"the BRT layer needs block-aligned calls: {t} tokens at position {position} "
+                             f"with model.block_size={w}")
         o_self, new_cache = windowed_self_attention(
-            a.rotate(q, position), a.rotate(k, position), v, cache, position, w, scale=1.0)
+            a.rotate(q, position), a.rotate(k, position), v, cache, position, w, scale=1.0, doc=doc)
         o_cross = []
+        fresh_heads = None if doc is None else self._state_heads(self.initial(b))
         for i in range(t // w):  # the only sequential part: the state path
             blk = slice(i * w, (i + 1) * w)
-            sq, sqc, sk, sv = self._state_heads(c)  # (B, H, S, D)
-            o_cross.append(F.scaled_dot_product_attention(qc[:, :, blk], sk, sv, scale=1.0))
+            heads = self._state_heads(c)  # sq, sqc, sk, sv: (B, H, S, D)
+            read = F.scaled_dot_product_attention(qc[:, :, blk], heads[2], heads[3], scale=1.0)
+            block_mask = None
+            if doc is not None:  # documents starting inside this block
+                d = doc[:, blk]  # (B, W)
+                fresh = d > (doc[:, i * w - 1:i * w] if i else torch.zeros_like(d[:, :1]))  # (B, W)
+                read_fresh = F.scaled_dot_product_attention(
+                    qc[:, :, blk], fresh_heads[2], fresh_heads[3], scale=1.0)
+                read = torch.where(fresh[:, None, :, None], read_fresh, read)
+                restart = fresh[:, -1]  # (B,) the block ends in a new document: restart the state
+                c = torch.where(restart[None, :, None], self.initial(b), c)
+                heads = tuple(torch.where(restart[:, None, None, None], f, h)
+                              for f, h in zip(fresh_heads, heads, strict=True))
+                block_mask = (d == d[:, -1:])[:, None, None, :]  # (B, 1, 1, W): the last document
+            o_cross.append(read)
+            sq, sqc, sk, sv = heads
             s_self = F.scaled_dot_product_attention(sq, sk, sv, scale=1.0)  # (B, H, S, D)
-            s_cross = F.scaled_dot_product_attention(sqc, k[:, :, blk], v[:, :, blk], scale=1.0)
+            s_cross = F.scaled_dot_product_attention(sqc, k[:, :, blk], v[:, :, blk], attn_mask=block_mask,
+                                                     scale=1.0)
             c = self.state_gate(c, a.merge(torch.cat([s_self, s_cross], dim=-1)))  # (S, B, d)
             if not self.state_skip:
                 c = self._state_mlp(c)

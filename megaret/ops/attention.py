@@ -54,34 +54,72 @@ def cached_attention(
     cache_v: torch.Tensor | None = None,
     cache_valid: torch.Tensor | None = None,
     scale: float | None = None,
+    doc: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """General causal (optionally windowed) attention of new tokens over [cache; new].
 
     q, k, v: (B, H, T, D) for the T tokens at absolute positions position .. position+T-1;
-    cache_k/v: (B, H, L, D) for the L tokens just before them; cache_valid: (B, L) bool.
+    cache_k/v: (B, H, L, D) for the L tokens just before them; cache_valid: (B, L) bool;
+    doc: (B, T) document ids of the new tokens (0: the cache's document) or None.
     Used for decoding and for calls that are not block-aligned; costs O(T (L + T)).
     """
     t = q.shape[2]
     if cache_k is None or cache_k.shape[2] == 0:
-        if window is None or t <= window and position % window == 0:
+        if doc is None and (window is None or t <= window and position % window == 0):
             # Plain causal attention: SDPA can use its flash kernel.
             return F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, scale=scale)
-        cache_len = 0
         keys, values, key_valid = k, v, None
     else:
-        cache_len = cache_k.shape[2]
         keys = torch.cat([cache_k, k], dim=2)  # (B, H, L + T, D)
         values = torch.cat([cache_v, v], dim=2)
         key_valid = None
         if cache_valid is not None and not bool(cache_valid.all()):
             new_valid = torch.ones(q.shape[0], t, dtype=torch.bool, device=q.device)
             key_valid = torch.cat([cache_valid, new_valid], dim=1)  # (B, L + T)
+    return attend_to_cache(q, keys, values, position, window, key_valid, scale, doc)
+
+
+def attend_to_cache(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    position: int,
+    window: int | None = None,
+    key_valid: torch.Tensor | None = None,
+    scale: float | None = None,
+    doc: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal (optionally windowed) attention of the T newest tokens over keys that end with them.
+
+    q: (B, H, T, D) at absolute positions position .. position+T-1; keys/values: (B, H, S, D)
+    at positions position+T-S .. position+T-1 (S >= T; any strides SDPA takes, e.g. views of
+    a preallocated cache: nothing is copied); key_valid: (B, S) bool, or None when every key
+    is valid. One query with no window over all-valid keys sees every key: no mask at all,
+    so SDPA may take its flash kernel. doc: (B, T) document ids of the new tokens (the S - T
+    earlier keys are document 0) or None: a query sees only keys of its own document.
+    """
+    t, s = q.shape[2], keys.shape[2]
+    if t == 1 and window is None and key_valid is None and doc is None:
+        return F.scaled_dot_product_attention(q, keys, values, scale=scale)
     q_pos = torch.arange(position, position + t, device=q.device)
-    k_pos = torch.arange(position - cache_len, position + t, device=q.device)
-    mask = visible(q_pos, k_pos, window)[None, None]  # (1, 1, T, L + T)
+    k_pos = torch.arange(position + t - s, position + t, device=q.device)
+    mask = visible(q_pos, k_pos, window)[None, None]  # (1, 1, T, S)
     if key_valid is not None:
-        mask = mask & key_valid[:, None, None, :]  # (B, 1, T, L + T)
+        mask = mask & key_valid[:, None, None, :]  # (B, 1, T, S)
+    if doc is not None:
+        mask = mask & same_document(doc, s)[:, None]  # (B, 1, T, S)
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+
+
+def key_documents(doc: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """doc (B, T) ids of the newest T keys -> (B, num_keys) ids of all keys (earlier ones: 0)."""
+    earlier = torch.zeros(doc.shape[0], num_keys - doc.shape[1], dtype=doc.dtype, device=doc.device)
+    return torch.cat([earlier, doc], dim=1)
+
+
+def same_document(doc: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """(B, T, num_keys) bool: query t and key s belong to the same document."""
+    return doc[:, :, None] == key_documents(doc, num_keys)[:, None, :]
 
 
 def blockwise_window_attention(
@@ -93,13 +131,16 @@ def blockwise_window_attention(
     prev_v: torch.Tensor | None = None,
     prev_valid: torch.Tensor | None = None,
     scale: float | None = None,
+    doc: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block-windowed causal attention for a block-aligned segment, every block in one SDPA call.
 
     q, k, v: (B, H, T, D) with T a multiple of W = window, the segment starting on a block
     boundary; prev_k/v: (B, H, W, D), the block before the segment (None: there is none);
     prev_valid: (B,) bool, False where a sample's previous block must be ignored. Each
-    block attends to [previous block; itself]: O(T * 2W) instead of O(T^2).
+    block attends to [previous block; itself]: O(T * 2W) instead of O(T^2). doc: (B, T) long
+    document ids (non-decreasing; 0 = the document of prev_k/v) or None: a query sees only
+    keys of its own document.
     """
     b, h, t, d = q.shape
     w = window
@@ -122,7 +163,13 @@ def blockwise_window_attention(
     prev_vis = torch.ones(b, n, dtype=torch.bool, device=q.device)  # (B, n)
     prev_vis[:, 0] = prev_valid
     prev_part = prev_vis[:, :, None, None].expand(b, n, w, w)  # (B, n, W, W)
-    mask = torch.cat([prev_part, causal.expand(b, n, w, w)], dim=-1)[:, None]  # (B, 1, n, W, 2W)
+    mask = torch.cat([prev_part, causal.expand(b, n, w, w)], dim=-1)  # (B, n, W, 2W)
+    if doc is not None:
+        docb = doc.view(b, n, w)  # (B, n, W)
+        prev_doc = torch.cat([torch.zeros_like(docb[:, :1]), docb[:, :-1]], dim=1)  # (B, n, W)
+        key_doc = torch.cat([prev_doc, docb], dim=-1)  # (B, n, 2W)
+        mask = mask & (docb[..., :, None] == key_doc[..., None, :])  # every query keeps itself
+    mask = mask[:, None]  # (B, 1, n, W, 2W)
     out = F.scaled_dot_product_attention(qb, keys, values, attn_mask=mask, scale=scale)
     return out.reshape(b, h, t, d)
 

@@ -19,7 +19,8 @@ from torch import nn
 
 from megaret.config import Config
 from megaret.models.factory import build_model
-from megaret.models.retnet import RetNet, stage_layers
+from megaret.models.retnet import RetNet
+from megaret.models.stage import stage_layers
 from megaret.parallel.context import ParallelContext
 from megaret.parallel.megatron_config import megatron_config
 
@@ -96,29 +97,12 @@ def micro_batches_per_step(cfg: Config, dp_size: int) -> int:
 
 def check_training_features(cfg: Config, pp_size: int) -> None:
     """Refuse, with the key to change, the combinations the trainer does not support."""
-    if cfg.data.packing == "segments" and pp_size > 1:
-        raise ValueError(
-            f"data.packing=segments carries each layer's recurrent state from step to step, which the "
-            f"trainer supports at parallel.pipeline=1 only (pipeline={pp_size}); set parallel.pipeline=1 "
-            "or data.packing=packed")
     arch = cfg.model.arch
-    if cfg.data.reset_at_doc_boundaries and arch != "retnet":
-        raise ValueError(
-            f"data.reset_at_doc_boundaries=true with model.arch={arch}: document resets inside a packed "
-            "sample are implemented for retnet only (the attention of this arch would still see across "
-            "documents in the sample); set data.reset_at_doc_boundaries=false, or use model.arch=retnet")
     if cfg.data.packing == "segments" and arch == "transformer":
         raise ValueError(
             "data.packing=segments with model.arch=transformer: the causal Transformer's key/value "
             "cache grows with every segment, so it cannot be carried across training steps; use "
             "data.packing=packed (or model.arch=sliding / brt, whose carried caches are bounded)")
-    if arch != "retnet":
-        if cfg.parallel.sequence_parallel and cfg.parallel.tensor > 1:
-            raise ValueError(f"parallel.sequence_parallel=true with model.arch={arch}: sequence parallelism "
-                             "is implemented for retnet only; set parallel.sequence_parallel=false")
-        if cfg.train.recompute:
-            raise ValueError(f"train.recompute=true with model.arch={arch}: activation recomputation is "
-                             "implemented for retnet only; set train.recompute=false")
     if cfg.parallel.sequence_parallel and cfg.parallel.zero_stage >= 2:
         raise ValueError(
             f"parallel.sequence_parallel=true with parallel.zero_stage={cfg.parallel.zero_stage}: ZeRO-2/3 "
@@ -140,7 +124,7 @@ def build_stage_modules(cfg: Config, ctx: ParallelContext) -> list[nn.Module]:
         chunk = build_model(cfg.model, config, ctx.tp, pre_process=pre, post_process=post, layers=layers)
         chunk.vp_stage = v if vp > 1 else None  # megatron's interleaved schedule checks it
         chunk.recompute = cfg.train.recompute
-        # the step function passes batch.doc_start to the model (retention resets in packed samples)
+        # the step function passes batch.doc_start to the model (resets inside packed samples)
         chunk.doc_resets = cfg.data.reset_at_doc_boundaries
         chunks.append(chunk.to(ctx.device))
     return chunks

@@ -12,9 +12,12 @@ over DP); megatron's schedule divides by n_micro and DeepSpeed averages over DP,
 gradient is exactly that of sum(loss * mask) / N, whatever the micro-batch split. With an
 all-ones mask this is the plain mean.
 
-Carried state (stateful `data.packing=segments` training, PP=1): a `StateCarry` holds the
-model's recurrent state after each micro-batch, detached, and feeds it to the next one
-(consecutive micro-batches and steps are consecutive segments of the same slots); slots whose
+Carried state (stateful `data.packing=segments` training): a `StateCarry` holds, for each
+model chunk, the recurrent state of that chunk's layers after its last micro-batch, detached,
+and feeds it to the chunk's next one (consecutive micro-batches and steps are consecutive
+segments of the same slots). Under a pipeline each stage keeps the state of the layers it
+owns: a stage runs its micro-batches in order whatever the schedule, and no gradient crosses
+the carry, so the 1F1B and interleaved orders need nothing more; slots whose
 `reset` flag is set start from a zero state (RetNet) or, for the windowed archs (BRT, sliding),
 get `reset` passed to the model, which drops their cached block and restores BRT's learned
 initial state. The causal Transformer's cache grows without bound: the engine refuses it.
@@ -25,6 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -48,14 +52,15 @@ class StepResult:
 
 
 class StateCarry:
-    """The recurrent state one micro-batch leaves for the next (no gradient flows through it)."""
+    """Per model chunk (pipeline stage or virtual stage), the recurrent state its last micro-batch
+    left for the next one (no gradient flows through it)."""
 
     def __init__(self) -> None:
-        self.state = None
+        self.state: dict[int, Any] = {}  # chunk index -> RetNetState / TransformerState
 
-    def take(self, reset: torch.Tensor | None, batch_size: int):
-        """The state to start this micro-batch from; slots with `reset` (B,) start fresh."""
-        state = self.state
+    def take(self, chunk: int, reset: torch.Tensor | None, batch_size: int):
+        """The state chunk `chunk` starts this micro-batch from; slots with `reset` (B,) start fresh."""
+        state = self.state.get(chunk)
         if state is None:
             return None
         if isinstance(state, TransformerState):  # BRT / sliding: the model applies `reset` itself
@@ -76,11 +81,16 @@ class StateCarry:
         # Rotary angles are relative inside q.k and q.S, so a restarted slot may keep the shared offset.
         return RetNetState([s * keep.to(s.device) for s in state.layers], state.position)
 
-    def put(self, state) -> None:
-        self.state = None if state is None else state.detach()
+    def put(self, chunk: int, state) -> None:
+        self.state[chunk] = None if state is None else state.detach()
 
     def clear(self) -> None:
-        self.state = None
+        self.state = {}
+
+
+def chunk_index(model) -> int:
+    """Which of this rank's model chunks `model` is (its virtual stage; 0 without interleaving)."""
+    return getattr(model, "vp_stage", None) or 0
 
 
 def _batch_of(state: TransformerState) -> int:
@@ -100,26 +110,33 @@ def _loss_func(mask: torch.Tensor, scale: float, per_token: torch.Tensor):
 
 def _model_kwargs(model, batch: Batch, carry: StateCarry | None = None) -> dict:
     """Extra forward arguments: the document starts inside each sample when the trainer resets
-    the retention state there (data.reset_at_doc_boundaries; the engine tags the chunks); with
-    a carried state, the windowed archs' `reset` (B,) (drop the cached block, restore BRT's
-    learned initial state at a slot's document start)."""
+    there (data.reset_at_doc_boundaries; the engine tags the chunks); with a carried state,
+    the windowed archs' `reset` (B,) (drop the cached block, restore BRT's learned initial
+    state at a slot's document start)."""
+    kwargs = {}
     if carry is not None and isinstance(model, Transformer) and batch.reset is not None:
-        return {"reset": batch.reset.bool()}
+        kwargs["reset"] = batch.reset.bool()
     if getattr(model, "doc_resets", False) and batch.doc_start is not None:
-        return {"doc_start": batch.doc_start.bool()}
-    return {}
+        kwargs["doc_start"] = batch.doc_start.bool()
+    return kwargs
 
 
 def _forward_step(scale: float, carry: StateCarry | None, data_iterator, model):
     batch: Batch = next(data_iterator)
-    state = carry.take(batch.reset, batch.tokens.shape[0]) if carry is not None else None
-    out = model(batch.tokens, batch.labels, state=state, **_model_kwargs(model, batch, carry))
-    if not isinstance(out, torch.Tensor):  # RetNetOutput / TransformerOutput: the last stage
-        if carry is not None:
-            carry.put(out.state)
-        return out.loss, partial(_loss_func, batch.loss_mask, scale)  # (B, T) per-token loss, last stage
+    kwargs = _model_kwargs(model, batch, carry)
     if carry is not None:
-        raise ValueError("carried recurrent state needs parallel.pipeline=1")
+        key = chunk_index(model)
+        state = carry.take(key, batch.reset, batch.tokens.shape[0])
+        out = model(batch.tokens, batch.labels, state=state, return_state=True, **kwargs)
+        if isinstance(out, tuple):  # a non-last stage: (hidden states, its layers' state)
+            out, new_state = out
+        else:
+            new_state = out.state
+        carry.put(key, new_state)
+    else:
+        out = model(batch.tokens, batch.labels, **kwargs)
+    if not isinstance(out, torch.Tensor):  # RetNetOutput / TransformerOutput: the last stage
+        return out.loss, partial(_loss_func, batch.loss_mask, scale)  # (B, T) per-token loss
     return out, partial(_loss_func, batch.loss_mask, scale)  # hidden states for the next stage
 
 
@@ -162,18 +179,15 @@ def train_step(engine, chunks: list[RetNet], ctx: ParallelContext, batch: Batch,
     micro = batch.to(ctx.device).split(micro_batch_size)
     n_tokens = _dp_sum(float(batch.loss_mask.sum()), ctx)
     scale = len(micro) * ctx.dp_size / max(n_tokens, 1.0)
-    if carry is not None and (len(chunks) != 1 or ctx.pp_size != 1):
-        raise ValueError("carrying recurrent state across steps (data.packing=segments) needs "
-                         "parallel.pipeline=1")
     if zero_stage >= 2:
         if len(chunks) != 1 or ctx.pp_size != 1:
             raise ValueError(f"parallel.zero_stage={zero_stage} needs parallel.pipeline=1")
         total = 0.0
         for mb in micro:
-            state = carry.take(mb.reset, mb.tokens.shape[0]) if carry is not None else None
+            state = carry.take(0, mb.reset, mb.tokens.shape[0]) if carry is not None else None
             out = engine(mb.tokens, mb.labels, state=state, **_model_kwargs(chunks[0], mb, carry))
             if carry is not None:
-                carry.put(out.state)
+                carry.put(0, out.state)
             loss, _ = _loss_func(mb.loss_mask, scale, out.loss)
             engine.backward(loss)  # scales by 1 / gradient_accumulation_steps
             engine.step()  # steps only at the accumulation boundary (the last micro-batch)

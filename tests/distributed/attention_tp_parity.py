@@ -17,11 +17,13 @@ import sys
 
 import torch
 import torch.distributed as dist
+from _common import rel  # tests/distributed/_common.py (the script's own folder)
 
 from megaret.config import load_config
 from megaret.models.factory import build_model
 from megaret.parallel.context import build_parallel_context, destroy_parallel_context
 from megaret.parallel.megatron_config import megatron_config
+from megaret.train.engine import gather_full
 
 VARIANTS = {
     "transformer": ("configs/transformer-tiny.yaml", []),
@@ -31,18 +33,6 @@ VARIANTS = {
                                                 "model.ffn_type=swiglu"]),
 }
 REPLICATED_2D = ("state_ids", "initial_state")  # (S, d) per-state tables, the same on every rank
-
-
-def full_grads(model: torch.nn.Module, ctx) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, p in model.named_parameters():
-        g = p.grad.detach()
-        if getattr(p, "tensor_model_parallel", False) and ctx.tp.size > 1:
-            parts = [torch.empty_like(g) for _ in range(ctx.tp.size)]
-            dist.all_gather(parts, g.contiguous(), group=ctx.tp.group)
-            g = torch.cat(parts, dim=p.partition_dim)
-        out[name] = g
-    return out
 
 
 def run(tp: int, path: str, extra: list[str]):
@@ -64,11 +54,7 @@ def run(tp: int, path: str, extra: list[str]):
     w = torch.rand(2, 64, generator=gen)
     (torch.cat([first.loss, second.loss], dim=1) * w).sum().backward()
     logits = torch.cat([model.gather_logits(o.logits).detach() for o in (first, second)], dim=1)
-    return logits, full_grads(model, ctx)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+    return logits, gather_full([model], ctx, lambda p: p.grad)
 
 
 def main() -> None:

@@ -15,23 +15,13 @@ import sys
 
 import torch
 import torch.distributed as dist
+from _common import rel  # tests/distributed/_common.py (the script's own folder)
 
 from megaret.config import load_config
 from megaret.models.retnet import RetNet
 from megaret.parallel.context import build_parallel_context, destroy_parallel_context
 from megaret.parallel.megatron_config import megatron_config
-
-
-def full_grads(model: RetNet, ctx) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, p in model.named_parameters():
-        g = p.grad.detach()
-        if getattr(p, "tensor_model_parallel", False) and ctx.tp.size > 1:
-            parts = [torch.empty_like(g) for _ in range(ctx.tp.size)]
-            dist.all_gather(parts, g.contiguous(), group=ctx.tp.group)
-            g = torch.cat(parts, dim=p.partition_dim)
-        out[name] = g
-    return out
+from megaret.train.engine import gather_full
 
 
 def grad_norm(model: RetNet, ctx) -> float:
@@ -61,11 +51,7 @@ def run(tp: int, mode: str, ffn: str):
     w = torch.rand(out.loss.shape, generator=gen)
     (out.loss * w).sum().backward()
     logits = model.gather_logits(out.logits).detach()
-    return logits, full_grads(model, ctx), grad_norm(model, ctx), ctx
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+    return logits, gather_full([model], ctx, lambda p: p.grad), grad_norm(model, ctx), ctx
 
 
 def main() -> None:

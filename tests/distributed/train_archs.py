@@ -1,5 +1,5 @@
 """Launched by tests/test_train_archs.py: the trainer for BRT and the Transformer baseline, and
-document resets in packed samples (RetNet).
+document resets in packed samples (RetNet, the Transformer, BRT).
 
     train_archs.py reference OUT RUN_DIR   (1 rank)  one-process runs of both archs, saved to OUT;
                                                       also a plain torch loop per arch and the
@@ -18,6 +18,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from _common import compare, norm_rel, rel  # tests/distributed/_common.py (the script's own folder)
 
 from megaret.config import load_config
 from megaret.models.factory import build_model
@@ -39,24 +40,6 @@ ARCHS = {
     "brt": ("configs/brt-tiny.yaml", ["model.num_layers=4", "model.recurrent_layers=[1]"]),
     "transformer": ("configs/transformer-tiny.yaml", ["model.num_layers=2"]),
 }
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-
-
-def norm_rel(a: dict, b: dict) -> float:
-    num = sum((a[k].double() - b[k].double()).pow(2).sum() for k in b)
-    return (num / sum(b[k].double().pow(2).sum() for k in b)).sqrt().item()
-
-
-def compare(losses, params, ref_losses, ref_params) -> dict:
-    assert params.keys() == ref_params.keys(), sorted(set(params) ^ set(ref_params))
-    return {
-        "loss_rel": max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses, strict=True)),
-        "param_rel_norm": norm_rel(params, ref_params),
-        "param_rel_max": max(rel(params[k], ref_params[k]) for k in ref_params),
-    }
 
 
 def config(arch: str, overrides: list[str]):
@@ -104,11 +87,12 @@ class PackedDocs:
     """Every sample packs documents of fixed lengths (crossing chunk boundaries); doc_start marks
     their first tokens; each document's labels are its own next tokens."""
 
-    LENGTHS = [(5, 14, 13), (16, 16), (1, 20, 11), (32,), (9, 7, 16), (3, 3, 26), (31, 1), (12, 12, 8)]
+    ANY = [(5, 14, 13), (16, 16), (1, 20, 11), (32,), (9, 7, 16), (3, 3, 26), (31, 1), (12, 12, 8)]
+    BLOCK_ALIGNED = [(8, 24), (16, 16), (8, 8, 16), (32,), (24, 8), (8, 8, 8, 8), (16, 8, 8), (32,)]  # W=8
 
-    def __init__(self, vocab: int) -> None:
+    def __init__(self, vocab: int, lengths: list[tuple[int, ...]]) -> None:
         g = torch.Generator().manual_seed(7)
-        self.docs = [[torch.randint(vocab, (n + 1,), generator=g) for n in row] for row in self.LENGTHS]
+        self.docs = [[torch.randint(vocab, (n + 1,), generator=g) for n in row] for row in lengths]
 
     def next_batch(self, step: int) -> Batch:
         tokens = torch.stack([torch.cat([d[:-1] for d in row]) for row in self.docs])  # (8, 32)
@@ -120,26 +104,37 @@ class PackedDocs:
         return Batch(tokens, labels, torch.ones(tokens.shape), doc_start=doc_start)
 
 
+DOC_RESET_ARCHS = {  # config, overrides, packed lengths (the windowed archs: block-aligned starts)
+    "retnet": ("configs/tiny.yaml", ["model.chunk_size=16"], PackedDocs.ANY),
+    "transformer": ("configs/transformer-tiny.yaml", [], PackedDocs.ANY),
+    "brt": ("configs/brt-tiny.yaml", ["model.block_size=8", "model.num_layers=2",
+                                      "model.recurrent_layers=[1]"], PackedDocs.BLOCK_ALIGNED),
+}
+
+
 def doc_reset_check(run_dir: str) -> dict:
-    """RetNet trained with data.reset_at_doc_boundaries on a packed batch: the first step's loss
-    equals the mean loss of every document run separately through the initial model."""
-    base = [*COMMON, "model.chunk_size=16", "train.steps=1", f"run.dir={run_dir}/docreset"]
-    out = {}
-    for on in (True, False):
-        cfg = load_config("configs/tiny.yaml", [*base, f"data.reset_at_doc_boundaries={str(on).lower()}"])
-        src = PackedDocs(cfg.model.vocab_size)
-        trainer = Trainer(cfg, batches=src)
-        out["trainer_on" if on else "trainer_off"] = trainer.train_step().loss
-        trainer.close()
-        tp = trainer.ctx.tp
-        del trainer
-        gc.collect()
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, megatron_config(cfg.model, cfg.parallel), tp)
-    with torch.no_grad():
-        per_doc = [model(d[None, :-1], d[None, 1:]).loss for row in src.docs for d in row]
-    out["separate"] = torch.cat([x.reshape(-1) for x in per_doc]).double().mean().item()
-    return out
+    """Each arch trained with data.reset_at_doc_boundaries on a packed batch: the first step's
+    loss equals the mean loss of every document run separately through the initial model."""
+    report = {}
+    for arch, (path, extra, lengths) in DOC_RESET_ARCHS.items():
+        base = [*COMMON, *extra, "train.steps=1", f"run.dir={run_dir}/docreset-{arch}"]
+        out = {}
+        for on in (True, False):
+            cfg = load_config(path, [*base, f"data.reset_at_doc_boundaries={str(on).lower()}"])
+            src = PackedDocs(cfg.model.vocab_size, lengths)
+            trainer = Trainer(cfg, batches=src)
+            out["trainer_on" if on else "trainer_off"] = trainer.train_step().loss
+            trainer.close()
+            tp = trainer.ctx.tp
+            del trainer
+            gc.collect()
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(cfg.model, megatron_config(cfg.model, cfg.parallel), tp)
+        with torch.no_grad():
+            per_doc = [model(d[None, :-1], d[None, 1:]).loss for row in src.docs for d in row]
+        out["separate"] = torch.cat([x.reshape(-1) for x in per_doc]).double().mean().item()
+        report[arch] = out
+    return report
 
 
 def reference(out: str, run_dir: str) -> dict:

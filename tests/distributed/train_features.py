@@ -11,14 +11,18 @@ Rank 0 prints one line `RESULT {json}`; the pytest side asserts on it.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import sys
 
 import torch
 import torch.distributed as dist
+from _common import norm_rel, rel  # tests/distributed/_common.py (the script's own folder)
 
 from megaret.config import load_config
+from megaret.models.factory import build_model
+from megaret.parallel.megatron_config import megatron_config
 from megaret.train.batches import Batch
 from megaret.train.step import StateCarry, train_step
 from megaret.train.trainer import Trainer
@@ -32,15 +36,6 @@ BASE = [
     "checkpoint.interval=100000",
 ]
 RUN_DIR = ["run.dir=runs/features"]  # main() points it at the directory pytest gives
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-
-
-def norm_rel(a: dict, b: dict) -> float:
-    num = sum((a[k].double() - b[k].double()).pow(2).sum() for k in b)
-    return (num / sum(b[k].double().pow(2).sum() for k in b)).sqrt().item()
 
 
 def compare(run: dict, ref: dict) -> dict:
@@ -106,7 +101,24 @@ def loss_mask_checks() -> dict:
             "unmasked_mean": unmasked, "tokens": one["results"][0].tokens}
 
 
-def stateful_checks(config: str = "configs/tiny.yaml", ignore_resets: bool = False) -> dict:
+def full_model(cfg):
+    """The whole model (every layer, on this rank) with the weights the trainer starts from."""
+    torch.manual_seed(cfg.train.seed)
+    plain = dataclasses.replace(cfg.parallel, pipeline=1, virtual_pipeline=None)
+    return build_model(cfg.model, megatron_config(cfg.model, plain), tensor_parallel_of())
+
+
+def tensor_parallel_of():
+    from megatron.core import parallel_state as ps
+
+    from megaret.parallel.context import TensorParallel
+
+    group = ps.get_tensor_model_parallel_group()
+    return TensorParallel(group, dist.get_world_size(group), dist.get_rank(group))
+
+
+def stateful_checks(config: str = "configs/tiny.yaml", ignore_resets: bool = False,
+                    overrides: tuple[str, ...] = ()) -> dict:
     """Two steps over consecutive segments with carried state == one pass over the whole documents.
 
     Two slots, micro-batch 2, two micro-batches per step (consecutive segments of the same
@@ -115,7 +127,8 @@ def stateful_checks(config: str = "configs/tiny.yaml", ignore_resets: bool = Fal
     step losses are forward losses. `config`: retnet, or the windowed archs (brt / sliding:
     segments of 32 = 2 blocks of 16), whose carried caches / BRT states reset through the
     model's `reset`; ignore_resets adds a carried run with every reset flag cleared (slot 0
-    then reads doc C on top of doc A's state: step 3 must differ).
+    then reads doc C on top of doc A's state: step 3 must differ). overrides: e.g. a pipeline,
+    whose stages each carry the state of the layers they own.
     """
     L = 32
     gen = torch.Generator().manual_seed(5)
@@ -139,7 +152,8 @@ def stateful_checks(config: str = "configs/tiny.yaml", ignore_resets: bool = Fal
         batches.append(Batch(x, y, torch.ones(4, L), reset=torch.tensor(resets)))
     out = {}
     for carried in (True, False):
-        cfg = load_config(config, [*BASE, *RUN_DIR, "train.micro_batch_size=2", "data.packing=segments"])
+        cfg = load_config(config, [*BASE, *RUN_DIR, "train.micro_batch_size=2", "data.packing=segments",
+                                   *overrides])
         trainer = Trainer(cfg, ListBatches(batches))
         if not carried:
             trainer.carry = None
@@ -153,8 +167,8 @@ def stateful_checks(config: str = "configs/tiny.yaml", ignore_resets: bool = Fal
             out["resets_ignored"] = [train_step(trainer.engine, trainer.chunks, trainer.ctx, b, 2, 0.0, 1,
                                                 carry).loss for b in no_reset]
             ignore_resets = False
-        model = trainer.chunks[0]
         trainer.close()
+    model = full_model(cfg)
     with torch.no_grad():
         full = {name: model(d[None, :-1], d[None, 1:]).loss[0] for name, d in docs.items()}  # (n * L,)
     ref = []
@@ -205,20 +219,32 @@ def layouts() -> dict:
         "tp2-sp-recompute": ["parallel.tensor=2", "parallel.sequence_parallel=true", "train.recompute=true"],
         "pp2": ["parallel.pipeline=2"],
         "dp2": [],
+        # the Transformer family under sequence parallelism and recomputation, against TP=2 alone
+        "brt-tp2": ["parallel.tensor=2", "model.arch=brt"],
+        "brt-tp2-sp-recompute": ["parallel.tensor=2", "model.arch=brt", "parallel.sequence_parallel=true",
+                                 "train.recompute=true"],
+        "transformer-tp2": ["parallel.tensor=2", "model.arch=transformer"],
+        "transformer-tp2-sp-recompute": ["parallel.tensor=2", "model.arch=transformer",
+                                         "parallel.sequence_parallel=true", "train.recompute=true"],
     }
+    brt = ["model.block_size=16", "model.num_states=8", "model.recurrent_layers=[1]"]
     runs, report = {}, {}
     for name, overrides in specs.items():
-        r = run([*common, *overrides])
+        r = run([*common, *overrides, *(brt if "model.arch=brt" in overrides else [])])
         runs[name] = {k: r[k] for k in ("losses", "params", "evals")}
         runs[name]["sp_tagged"] = sum(getattr(p, "sequence_parallel", False)
                                       for c in r["trainer"].chunks for p in c.parameters())
         del r
         gc.collect()
     for name in specs:
-        if name != "tp2":
-            report[name] = compare(runs[name], runs["tp2"])
+        ref = next(r for r in ("brt-tp2", "transformer-tp2", "tp2") if name.startswith(r.removesuffix("tp2")))
+        if name != ref:
+            report[name] = compare(runs[name], runs[ref])
             report[name]["sp_tagged"] = runs[name]["sp_tagged"]
     report["tp2"] = {"losses": runs["tp2"]["losses"], "evals": runs["tp2"]["evals"]}
+    # stateful segments under a pipeline: each stage carries its own layers' state
+    report["stateful_pp2"] = stateful_checks(overrides=("parallel.pipeline=2",))
+    report["stateful_brt_pp2"] = stateful_checks("configs/brt-tiny.yaml", overrides=("parallel.pipeline=2",))
     return report
 
 

@@ -20,6 +20,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from _common import compare, norm_rel, rel  # tests/distributed/_common.py (the script's own folder)
 
 from megaret.config import load_config
 from megaret.models.retnet import RetNet
@@ -36,25 +37,6 @@ BASE = [
     "optimizer.min_lr=3.0e-4", "logging.tensorboard=false", "data.source=synthetic",
     "checkpoint.resume=false",  # independent runs share run.dir: never resume each other
 ]
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-
-
-def norm_rel(a: dict, b: dict) -> float:
-    """Global relative difference ||a - b|| / ||b|| over all parameters."""
-    num = sum((a[k].double() - b[k].double()).pow(2).sum() for k in b)
-    return (num / sum(b[k].double().pow(2).sum() for k in b)).sqrt().item()
-
-
-def compare(losses, params, ref_losses, ref_params) -> dict:
-    assert params.keys() == ref_params.keys(), sorted(set(params) ^ set(ref_params))
-    return {
-        "loss_rel": max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses, strict=True)),
-        "param_rel_norm": norm_rel(params, ref_params),
-        "param_rel_max": max(rel(params[k], ref_params[k]) for k in ref_params),  # worst tensor, max-abs
-    }
 
 
 def run_trainer(overrides: list[str]):
