@@ -243,12 +243,17 @@ def retention_step(
     _validate_reset(reset, q, step=True)
     out_dtype, cdt = q.dtype, _compute_dtype(q.dtype)
     qc, kc, vc = q.to(cdt), k.to(cdt), v.to(cdt)
-    gamma = torch.exp(log_decay.to(cdt))[None, :, None, None]  # (1, H, 1, 1)
-    kv = kc[..., :, None] * vc[..., None, :]  # (B, H, Dk, Dv)
-    if state is not None and reset is not None:
-        state = state.to(cdt) * (~reset).to(cdt)[:, None, None, None]
-    new_state = kv if state is None else gamma * state.to(cdt) + kv
-    o = torch.einsum("bhd,bhde->bhe", qc, new_state)  # (B, H, Dv)
+    kc, vc = kc[..., :, None], vc[..., None, :]  # (B, H, Dk, 1), (B, H, 1, Dv)
+    if state is None:
+        new_state = kc * vc  # (B, H, Dk, Dv)
+    else:
+        # decoding reads and writes the whole state once per token: one new tensor, updated in place
+        decay = torch.exp(log_decay.to(cdt))[None, :, None, None]  # (1, H, 1, 1)
+        if reset is not None:
+            decay = decay * (~reset).to(cdt)[:, None, None, None]  # (B, H, 1, 1)
+        new_state = state.to(cdt) * decay
+        new_state.addcmul_(kc, vc)
+    o = torch.matmul(qc[..., None, :], new_state)[..., 0, :]  # (B, H, Dv)
     return o.to(out_dtype), new_state
 
 
