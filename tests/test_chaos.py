@@ -169,3 +169,30 @@ def test_a_stalled_rank_makes_the_job_fail_within_the_collective_timeout(tmp_pat
     assert timeout_s - 2 <= waited <= timeout_s + 120, (waited, text[-3000:])
     print(f"hang: a rank stalled before step 3; the job exited with {rc} {waited:.1f}s later "
           f"(train.collective_timeout_s={timeout_s})")
+
+
+def test_shards_are_verified_once_and_a_corrupt_one_stops_every_rank(tmp_path):
+    """Two ranks on real shards: the first rank of the machine verifies and stamps every shard;
+    after a shard is damaged, the next launch stops on both ranks (the verifying one naming the
+    shard and the fix, the other pointing at it) instead of one rank waiting for the other."""
+    from tests.data_fixtures import build_tiny
+
+    manifest = build_tiny(tmp_path / "data")
+    data = ["data.source=shards", f"data.paths=[{manifest}]", "data.seq_length=16", "model.vocab_size=384",
+            f"data.cache_dir={tmp_path / 'cache'}", "train.steps=2", "checkpoint.interval=100"]
+    log = tmp_path / "run.log"
+    ok = launch(tmp_path / "ok", log, *data)
+    assert ok.wait(timeout=600) == 0, log.read_text()[-4000:]
+    shards = sorted(manifest.parent.glob("train-*.tar"))  # eval is off: the valid split is not opened
+    assert len(list((tmp_path / "cache" / "verified").glob("*.json"))) == len(shards)
+
+    shard = manifest.parent / "train-000001.tar"
+    raw = bytearray(shard.read_bytes())
+    raw[2000:2004] = b"\xff\xfe\xfd\xfc"  # same size: only the hash can tell
+    shard.write_bytes(bytes(raw))
+    start = log.stat().st_size
+    bad = launch(tmp_path / "bad", log, *data)
+    assert bad.wait(timeout=600) != 0
+    out = log.read_text()[start:]
+    assert "train-000001.tar is corrupt" in out and "data.on_corrupt=skip" in out, out[-4000:]
+    assert "failed on another rank" in out, out[-4000:]

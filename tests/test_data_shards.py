@@ -147,6 +147,30 @@ def test_damaged_shard(tmp_path, packed, damage) -> None:
     assert all(s.read_usable(i)[0].shape == (17,) for i in range(s.num_samples))
 
 
+def test_verified_shards_are_stamped_and_not_hashed_again(tmp_path, packed, monkeypatch) -> None:
+    """A second open trusts the stamps (no hashing); a shard rewritten after its stamp (same
+    size, new content) is hashed again and caught."""
+    import megaret.data.shards as shards
+
+    m, stamps = _copy(packed, tmp_path), tmp_path / "stamps"
+    hashed = []
+    real = shards.sha256_file
+    monkeypatch.setattr(shards, "sha256_file", lambda path, *a: hashed.append(str(path)) or real(path, *a))
+    first = open_split(m, "train", stamp_dir=stamps)
+    n = len(first.shards)
+    assert len(hashed) == n and len(list(stamps.glob("*.json"))) == n
+    again = open_split(m, "train", stamp_dir=stamps)
+    assert len(hashed) == n and again.num_samples == first.num_samples  # stamps stood in for hashes
+    open_split(m, "train")
+    assert len(hashed) == 2 * n  # without stamp_dir every shard is hashed
+    shard = m.parent / "train-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[2000:2004] = b"\xff\xfe\xfd\xfc"  # same size, new content (and mtime)
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"train-000001\.tar .*corrupt"):
+        open_split(m, "train", stamp_dir=stamps)
+
+
 def test_remote_pipe_shards(tmp_path, packed) -> None:
     """Shards reached through a pipe: command are fetched, verified and read like local ones."""
     m = json.loads(packed.read_text())

@@ -44,11 +44,14 @@ def build_loader(
 
     Raises :class:`DataError` (one line, naming the file) for missing/corrupt shards, a tokenizer that
     differs from the shards', a vocabulary larger than ``model.vocab_size`` or a seq_length mismatch.
+    Verified shards are stamped under ``<cache>/verified``: a restart, or a rank opening after
+    another on the same machine, does not hash them again.
     """
     d = cfg.data
     sets = [
         open_split(
-            loc, split, tokenizer=d.tokenizer, on_corrupt=d.on_corrupt, cache_dir=cache_dir(cfg) / "remote"
+            loc, split, tokenizer=d.tokenizer, on_corrupt=d.on_corrupt, cache_dir=cache_dir(cfg) / "remote",
+            stamp_dir=cache_dir(cfg) / "verified",
         )
         for loc in resolve_manifests(cfg)
     ]

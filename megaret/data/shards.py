@@ -496,6 +496,44 @@ def _fetch(loc: str, sha: str, cache_dir: Path) -> Path:
     return dest
 
 
+def _stamp_path(stamp_dir: Path, local: Path) -> Path:
+    return stamp_dir / f"{hashlib.sha256(str(local.resolve()).encode()).hexdigest()[:32]}.json"
+
+
+def _file_identity(local: Path) -> dict[str, int]:
+    st = local.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino, "device": st.st_dev}
+
+
+def verified_digest(local: Path, expected: str, stamp_dir: Path | None = None) -> str:
+    """The sha256 of a local shard, trusting a stamp left by an earlier verification.
+
+    With ``stamp_dir``, a shard that once hashed to ``expected`` gets a stamp recording its
+    size, mtime, inode and device; while all four are unchanged the stamp stands in for the
+    hash, so restarts (and the other ranks of a node, once one has verified) do not read every
+    shard again. Any write to the file changes its mtime, so a shard corrupted later is hashed
+    (and caught) again.
+    """
+    if stamp_dir is not None:
+        stamp = _stamp_path(stamp_dir, local)
+        try:
+            record = json.loads(stamp.read_text())
+        except (OSError, ValueError):
+            record = None
+        if record == {"sha256": expected, **_file_identity(local)}:
+            return expected
+    digest = sha256_file(local)
+    if stamp_dir is not None and digest == expected:
+        try:
+            stamp_dir.mkdir(parents=True, exist_ok=True)
+            tmp = stamp.with_suffix(f".tmp-{os.getpid()}")
+            tmp.write_text(json.dumps({"sha256": digest, **_file_identity(local)}))
+            os.replace(tmp, stamp)
+        except OSError as exc:  # a read-only cache only costs the next open a re-hash
+            warnings.warn(f"cannot write the verification stamp {stamp}: {exc}", stacklevel=2)
+    return digest
+
+
 def open_split(
     location: str | Path,
     split: str = "train",
@@ -503,12 +541,15 @@ def open_split(
     tokenizer: str | Path | Tokenizer | None = None,
     on_corrupt: str = "error",
     cache_dir: str | Path | None = None,
+    stamp_dir: str | Path | None = None,
 ) -> ShardSet:
     """Load a manifest, check its tokenizer, and verify every shard of ``split`` against its sha256.
 
     Missing shards and a tokenizer whose hash differs from the manifest's are always errors; a
     corrupt or truncated shard is an error, or with ``on_corrupt="skip"`` is left out with a
     warning (and listed in :attr:`ShardSet.skipped`). Remote shards are fetched to ``cache_dir``.
+    ``stamp_dir``: where verifications are remembered (see :func:`verified_digest`); None
+    hashes every shard.
     """
     if on_corrupt not in ("error", "skip"):
         raise DataError(f"on_corrupt={on_corrupt!r} is not one of error, skip")
@@ -535,7 +576,7 @@ def open_split(
                 raise DataError(f"shard {local} listed in {loc} is missing; restore it or rebuild the shards")
         size, digest = local.stat().st_size, None
         if size == entry["bytes"]:
-            digest = sha256_file(local)
+            digest = verified_digest(local, entry["sha256"], Path(stamp_dir) if stamp_dir else None)
         if digest != entry["sha256"]:
             why = (
                 f"is truncated or padded ({size} bytes, manifest says {entry['bytes']})"

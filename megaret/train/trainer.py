@@ -6,6 +6,9 @@ import signal
 import time
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
 from megaret.config import Config, save_config
 from megaret.parallel.context import build_parallel_context
 from megaret.train.batches import Batch, BatchSource, LoaderBatches, SyntheticBatches
@@ -47,11 +50,35 @@ class Trainer:
         if cfg.data.source == "synthetic":
             return SyntheticBatches(cfg.model.vocab_size, cfg.data.seq_length, cfg.train.global_batch_size,
                                     ctx.dp_size, ctx.dp_rank, cfg.train.seed)
-        from megaret.data import build_loader
-
         # TP and PP peers of a DP rank read the same samples: the loader sees only DP coordinates.
-        loader = build_loader(cfg, ctx.dp_rank, ctx.dp_size)
+        loader = self._open_loader("train")
         return LoaderBatches(loader, cfg.train.global_batch_size // ctx.dp_size, cfg.train.micro_batch_size)
+
+    def _open_loader(self, split: str, **kwargs):
+        """build_loader on every rank, the first local rank of each machine first: it verifies
+        (hashes) the shards once and stamps them, and the other ranks then open against the
+        stamps instead of each reading every shard. If opening fails there, every rank stops
+        (the failing one with its message) instead of waiting for it."""
+        from megaret.data import DataError, build_loader
+
+        ctx = self.ctx
+        loader, error = None, None
+        if ctx.local_rank == 0:
+            try:
+                loader = build_loader(self.cfg, ctx.dp_rank, ctx.dp_size, split=split, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks know
+                error = exc
+        if ctx.world_size > 1:
+            failed = torch.tensor([float(error is not None)], device=ctx.device)
+            dist.all_reduce(failed)
+            if failed.item() and error is None:
+                raise DataError(f"opening the {split} data failed on another rank (the first rank of its "
+                                "machine, which verifies the shards); see that rank's error")
+        if error is not None:
+            raise error
+        if loader is None:
+            loader = build_loader(self.cfg, ctx.dp_rank, ctx.dp_size, split=split, **kwargs)
+        return loader
 
     def _build_metrics(self) -> Metrics:
         cfg = self.cfg
@@ -70,9 +97,7 @@ class Trainer:
                     SyntheticBatches(cfg.model.vocab_size, cfg.data.seq_length, cfg.train.global_batch_size,
                                      ctx.dp_size, ctx.dp_rank, cfg.train.seed)
             else:
-                from megaret.data import build_loader
-
-                loader = build_loader(cfg, ctx.dp_rank, ctx.dp_size, split="valid", num_workers=0)
+                loader = self._open_loader("valid", num_workers=0)
                 self._eval_start = loader.state_dict()
                 self._eval_source = LoaderBatches(loader, cfg.train.global_batch_size // ctx.dp_size,
                                                   cfg.train.micro_batch_size)
