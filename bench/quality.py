@@ -107,7 +107,7 @@ def refusal(arch: str, overrides: list[str]) -> str | None:
     try:
         cfg = load_config(REPO / ARCHS[arch][0], overrides)
         cfg.validate_world(1)
-        check_training_features(cfg, 1)
+        check_training_features(cfg)
     except (ConfigError, ValueError) as exc:
         return str(exc)
     return None

@@ -77,6 +77,9 @@ class RetNet(StagedLanguageModel):
     states (T, B, d) instead of a RetNetOutput.
     """
 
+    state_type = RetNetState
+    output_type = RetNetOutput
+
     def build_layer(self, index: int, config: TransformerConfig) -> nn.Module:
         return RetNetBlock(self.cfg, config, self.tp)
 
@@ -95,21 +98,7 @@ class RetNet(StagedLanguageModel):
         doc_start: (B, T) bool or None: True where a document starts inside the sample; every
         layer's retention state is zeroed just before it, so packed documents do not see each
         other (rotary positions run on: retention depends only on positions within a document)."""
-        mode = mode or self.cfg.retention_mode
-        position = 0 if state is None else state.position
-        layer_states = [None] * len(self.layers) if state is None else state.layers
-        if len(layer_states) != len(self.layers):
-            raise ValueError(f"state has {len(layer_states)} layers; this model has {len(self.layers)}")
-        x = self.embed(tokens)  # (T, B, d), or (T / tp, B, d) under sequence parallelism
-        new_states = []
-        for layer, layer_state in zip(self.layers, layer_states, strict=True):
-            x, s = self.run_layer(layer, x, layer_state, position, mode, doc_start)
-            new_states.append(s)
-        next_state = RetNetState(new_states, position + self.sequence_length(tokens, x))
-        if not self.post_process:
-            return (x, next_state) if return_state else x
-        logits, loss = self.head(x, labels)
-        return RetNetOutput(logits, loss, next_state)
+        return self.run_stack(tokens, labels, state, return_state, mode or self.cfg.retention_mode, doc_start)
 
     def init_state(self, batch_size: int, dtype: torch.dtype = torch.float32,
                    device: torch.device | None = None) -> RetNetState:

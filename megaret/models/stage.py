@@ -120,6 +120,9 @@ class StagedLanguageModel(nn.Module):
                         p.sequence_parallel = True
         self.recompute = False  # activation recomputation per layer (set by the trainer)
 
+    state_type: type  # (per-layer states, next position) -> what forward returns as .state
+    output_type: type  # (logits, loss, state) -> what the last stage returns
+
     def build_layer(self, index: int, config: TransformerConfig) -> nn.Module:
         """The block at global layer `index`."""
         raise NotImplementedError
@@ -177,6 +180,30 @@ class StagedLanguageModel(nn.Module):
             return y
 
         return tensor_parallel.checkpoint(hidden_only, False, x), box["state"]
+
+    def run_stack(self, tokens: torch.Tensor | None, labels: torch.Tensor | None, state: Any,
+                  return_state: bool, *layer_args: Any) -> Any:
+        """The forward every arch shares: embed (or take the previous stage's hidden states),
+        run this stage's layers, each as layer(x, its state, position, *layer_args), and finish.
+
+        state: a `state_type` (per-layer states and the next position) or None. Returns an
+        `output_type` (logits, loss, next state) on the last stage; otherwise the hidden states
+        (T, B, d), or (hidden, next state) with return_state.
+        """
+        position = 0 if state is None else state.position
+        layer_states = [None] * len(self.layers) if state is None else state.layers
+        if len(layer_states) != len(self.layers):
+            raise ValueError(f"state has {len(layer_states)} layers; this model has {len(self.layers)}")
+        x = self.embed(tokens)  # (T, B, d), or (T / tp, B, d) under sequence parallelism
+        new_states = []
+        for layer, layer_state in zip(self.layers, layer_states, strict=True):
+            x, s = self.run_layer(layer, x, layer_state, position, *layer_args)
+            new_states.append(s)
+        next_state = self.state_type(new_states, position + self.sequence_length(tokens, x))
+        if not self.post_process:
+            return (x, next_state) if return_state else x
+        logits, loss = self.head(x, labels)
+        return self.output_type(logits, loss, next_state)
 
     def head(self, x: torch.Tensor, labels: torch.Tensor | None
              ) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -93,6 +93,9 @@ class Transformer(StagedLanguageModel):
         for decoding only."""
         return self.window is not None
 
+    state_type = TransformerState
+    output_type = TransformerOutput
+
     def build_layer(self, index: int, config: TransformerConfig) -> nn.Module:
         return TransformerBlock(self.cfg, config, self.tp, self.window)
 
@@ -115,19 +118,6 @@ class Transformer(StagedLanguageModel):
         initial state there, so packed documents equal their separate runs (exactly for the
         causal Transformer; for the block-windowed archs when documents start on block
         boundaries, since a separate run would align its blocks to the document's start)."""
-        position = 0 if state is None else state.position
         # (B, T) document ids: 0 continues the carried history, each start opens the next id
         doc = None if doc_start is None else doc_start.long().cumsum(dim=1)
-        layer_states = [None] * len(self.layers) if state is None else state.layers
-        if len(layer_states) != len(self.layers):
-            raise ValueError(f"state has {len(layer_states)} layers; this model has {len(self.layers)}")
-        x = self.embed(tokens)  # (T, B, d), or (T / tp, B, d) under sequence parallelism
-        new_states = []
-        for layer, layer_state in zip(self.layers, layer_states, strict=True):
-            x, s = self.run_layer(layer, x, layer_state, position, reset, doc)
-            new_states.append(s)
-        next_state = TransformerState(new_states, position + self.sequence_length(tokens, x))
-        if not self.post_process:
-            return (x, next_state) if return_state else x
-        logits, loss = self.head(x, labels)
-        return TransformerOutput(logits, loss, next_state)
+        return self.run_stack(tokens, labels, state, return_state, reset, doc)

@@ -95,7 +95,7 @@ def micro_batches_per_step(cfg: Config, dp_size: int) -> int:
     return cfg.train.global_batch_size // per_step
 
 
-def check_training_features(cfg: Config, pp_size: int) -> None:
+def check_training_features(cfg: Config) -> None:
     """Refuse, with the key to change, the combinations the trainer does not support."""
     arch = cfg.model.arch
     if cfg.data.packing == "segments" and arch == "transformer":
@@ -113,7 +113,7 @@ def check_training_features(cfg: Config, pp_size: int) -> None:
 def build_stage_modules(cfg: Config, ctx: ParallelContext) -> list[nn.Module]:
     """The model chunks this rank holds (any model.arch, built by megaret.models.factory),
     initialised exactly like the same layers of the full model."""
-    check_training_features(cfg, ctx.pp_size)
+    check_training_features(cfg)
     bf16 = cfg.train.precision == "bf16"
     config = megatron_config(cfg.model, cfg.parallel, torch.bfloat16 if bf16 else torch.float32, bf16=bf16)
     vp = cfg.parallel.virtual_pipeline or 1
