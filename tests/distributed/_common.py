@@ -1,8 +1,19 @@
-"""What the launched parity scripts share: relative differences and run comparisons."""
+"""What the launched parity scripts share: relative differences, run comparisons, the plain
+torch reference training loop, and reporting the result."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import torch
+import torch.distributed as dist
+
+from megaret.models.factory import build_model
+from megaret.parallel.megatron_config import megatron_config
+from megaret.train.batches import SyntheticBatches
+from megaret.train.engine import _param_groups
+from megaret.train.schedule import learning_rate
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -24,3 +35,49 @@ def compare(losses: list[float], params: dict, ref_losses: list[float], ref_para
         "param_rel_norm": norm_rel(params, ref_params),
         "param_rel_max": max(rel(params[k], ref_params[k]) for k in ref_params),  # worst tensor, max-abs
     }
+
+
+def full_model(cfg, tp) -> torch.nn.Module:
+    """The whole model (every layer, on this rank) with the weights the trainer starts from."""
+    torch.manual_seed(cfg.train.seed)
+    plain = dataclasses.replace(cfg.parallel, pipeline=1, virtual_pipeline=None)
+    return build_model(cfg.model, megatron_config(cfg.model, plain), tp)
+
+
+def plain_torch(cfg, tp) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """The same training written directly: full model, torch AdamW, clip_grad_norm_, no DeepSpeed."""
+    model = full_model(cfg, tp)
+    o = cfg.optimizer
+    opt = torch.optim.AdamW(_param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    data = SyntheticBatches(cfg.model.vocab_size, cfg.data.seq_length, cfg.train.global_batch_size, 1, 0,
+                            cfg.train.seed)
+    losses = []
+    for step in range(1, cfg.train.steps + 1):
+        for g in opt.param_groups:
+            g["lr"] = learning_rate(step, o, cfg.train.steps)
+        x, y = data.next_batch(step)
+        opt.zero_grad()
+        total = 0.0
+        mb = cfg.train.micro_batch_size
+        n = x.shape[0] // mb
+        for xm, ym in zip(x.split(mb), y.split(mb), strict=True):
+            loss = model(xm, ym).loss.mean() / n
+            loss.backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
+        opt.step()
+        losses.append(total)
+    return losses, {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def print_result(report: dict) -> None:
+    """Rank 0 prints one line `RESULT {json}` for the pytest side (tests/conftest.py:result)."""
+    if dist.get_rank() == 0:
+        print("RESULT " + json.dumps(report), flush=True)
+
+
+def report_and_close(report: dict) -> None:
+    """Print the result, then leave the process group together."""
+    print_result(report)
+    dist.barrier()
+    dist.destroy_process_group()

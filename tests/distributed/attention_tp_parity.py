@@ -12,12 +12,10 @@ exercised) forward and backward, and the full-vocabulary logits and every parame
 
 from __future__ import annotations
 
-import json
 import sys
 
 import torch
-import torch.distributed as dist
-from _common import rel  # tests/distributed/_common.py (the script's own folder)
+from _common import print_result, rel  # tests/distributed/_common.py (the script's own folder)
 
 from megaret.config import load_config
 from megaret.models.factory import build_model
@@ -71,8 +69,7 @@ def main() -> None:
                 "worst_param": worst,
                 "num_params": len(ref_grads),
             }
-    if dist.get_rank() == 0:
-        print("RESULT " + json.dumps(results), flush=True)
+    print_result(results)
     destroy_parallel_context()
 
 

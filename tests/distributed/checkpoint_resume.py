@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from _common import report_and_close  # tests/distributed/_common.py (the script's own folder)
 
 from megaret.checkpoint.files import MANIFEST, sha256_file
 from megaret.config import load_config
@@ -228,10 +229,7 @@ def main() -> None:
         report["layout"] = layout_check(work)
     if "malicious" in sys.argv[2:]:
         report["malicious"] = malicious_check(work, specs[0])
-    if dist.get_rank() == 0:
-        print("RESULT " + json.dumps(report), flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
+    report_and_close(report)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,13 @@ process (TP1 PP1 DP1), gathers the weights and moments right after loading and t
 from __future__ import annotations
 
 import gc
-import json
 import shutil
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from _common import report_and_close  # tests/distributed/_common.py (the script's own folder)
 
 from megaret.config import load_config
 from megaret.parallel.context import init_distributed
@@ -105,10 +105,7 @@ def main() -> None:
     mode, work = sys.argv[1], Path(sys.argv[2])
     init_distributed()
     report = {"source": source, "resume": resume}[mode](work)
-    if dist.get_rank() == 0:
-        print("RESULT " + json.dumps(report), flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
+    report_and_close(report)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,11 @@ compared with the TP=1 run. Rank 0 prints one line `RESULT {json}`.
 
 from __future__ import annotations
 
-import json
 import sys
 
 import torch
 import torch.distributed as dist
-from _common import rel  # tests/distributed/_common.py (the script's own folder)
+from _common import print_result, rel  # tests/distributed/_common.py (the script's own folder)
 
 from megaret.config import load_config
 from megaret.models.retnet import RetNet
@@ -68,8 +67,7 @@ def main() -> None:
                 "grad_rel_max": worst_grad,
                 "grad_norm_rel": abs(norm - ref_norm) / ref_norm,
             }
-    if dist.get_rank() == 0:
-        print("RESULT " + json.dumps(results), flush=True)
+    print_result(results)
     destroy_parallel_context()
 
 

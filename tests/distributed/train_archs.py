@@ -13,19 +13,20 @@ Rank 0 prints one line `RESULT {json}`; the pytest side asserts on it.
 from __future__ import annotations
 
 import gc
-import json
 import sys
 
 import torch
-import torch.distributed as dist
-from _common import compare, norm_rel, rel  # tests/distributed/_common.py (the script's own folder)
+from _common import (  # tests/distributed/_common.py (the script's own folder)
+    compare,
+    full_model,
+    norm_rel,
+    plain_torch,
+    rel,
+    report_and_close,
+)
 
 from megaret.config import load_config
-from megaret.models.factory import build_model
-from megaret.parallel.megatron_config import megatron_config
-from megaret.train.batches import Batch, SyntheticBatches
-from megaret.train.engine import _param_groups
-from megaret.train.schedule import learning_rate
+from megaret.train.batches import Batch
 from megaret.train.trainer import Trainer
 
 COMMON = [
@@ -55,32 +56,6 @@ def run_trainer(arch: str, overrides: list[str]):
     params = trainer.full_parameters()
     trainer.close()
     return trainer, [r.loss for r in results], params, init
-
-
-def plain_torch(cfg, tp) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """The same training written directly: full model, torch AdamW, clip_grad_norm_, no DeepSpeed."""
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, megatron_config(cfg.model, cfg.parallel), tp)
-    o = cfg.optimizer
-    opt = torch.optim.AdamW(_param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-    data = SyntheticBatches(cfg.model.vocab_size, cfg.data.seq_length, cfg.train.global_batch_size, 1, 0,
-                            cfg.train.seed)
-    losses = []
-    for step in range(1, cfg.train.steps + 1):
-        for g in opt.param_groups:
-            g["lr"] = learning_rate(step, o, cfg.train.steps)
-        x, y = data.next_batch(step)
-        opt.zero_grad()
-        total = 0.0
-        n = x.shape[0]
-        for xm, ym in zip(x.split(1), y.split(1), strict=True):
-            loss = model(xm, ym).loss.mean() / n
-            loss.backward()
-            total += loss.item()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
-        opt.step()
-        losses.append(total)
-    return losses, {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
 class PackedDocs:
@@ -128,8 +103,7 @@ def doc_reset_check(run_dir: str) -> dict:
             tp = trainer.ctx.tp
             del trainer
             gc.collect()
-        torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg.model, megatron_config(cfg.model, cfg.parallel), tp)
+        model = full_model(cfg, tp)
         with torch.no_grad():
             per_doc = [model(d[None, :-1], d[None, 1:]).loss for row in src.docs for d in row]
         out["separate"] = torch.cat([x.reshape(-1) for x in per_doc]).double().mean().item()
@@ -172,10 +146,7 @@ def layouts(ref_path: str, run_dir: str) -> dict:
 def main() -> None:
     what = sys.argv[1]
     report = reference(sys.argv[2], sys.argv[3]) if what == "reference" else layouts(sys.argv[2], sys.argv[3])
-    if dist.get_rank() == 0:
-        print("RESULT " + json.dumps(report), flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
+    report_and_close(report)
 
 
 if __name__ == "__main__":

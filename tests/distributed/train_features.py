@@ -11,18 +11,18 @@ Rank 0 prints one line `RESULT {json}`; the pytest side asserts on it.
 
 from __future__ import annotations
 
-import dataclasses
 import gc
-import json
 import sys
 
 import torch
-import torch.distributed as dist
-from _common import norm_rel, rel  # tests/distributed/_common.py (the script's own folder)
+from _common import (  # tests/distributed/_common.py (the script's own folder)
+    full_model,
+    norm_rel,
+    rel,
+    report_and_close,
+)
 
 from megaret.config import load_config
-from megaret.models.factory import build_model
-from megaret.parallel.megatron_config import megatron_config
 from megaret.train.batches import Batch
 from megaret.train.step import StateCarry, train_step
 from megaret.train.trainer import Trainer
@@ -101,22 +101,6 @@ def loss_mask_checks() -> dict:
             "unmasked_mean": unmasked, "tokens": one["results"][0].tokens}
 
 
-def full_model(cfg):
-    """The whole model (every layer, on this rank) with the weights the trainer starts from."""
-    torch.manual_seed(cfg.train.seed)
-    plain = dataclasses.replace(cfg.parallel, pipeline=1, virtual_pipeline=None)
-    return build_model(cfg.model, megatron_config(cfg.model, plain), tensor_parallel_of())
-
-
-def tensor_parallel_of():
-    from megatron.core import parallel_state as ps
-
-    from megaret.parallel.context import TensorParallel
-
-    group = ps.get_tensor_model_parallel_group()
-    return TensorParallel(group, dist.get_world_size(group), dist.get_rank(group))
-
-
 def stateful_checks(config: str = "configs/tiny.yaml", ignore_resets: bool = False,
                     overrides: tuple[str, ...] = ()) -> dict:
     """Two steps over consecutive segments with carried state == one pass over the whole documents.
@@ -167,8 +151,9 @@ def stateful_checks(config: str = "configs/tiny.yaml", ignore_resets: bool = Fal
             out["resets_ignored"] = [train_step(trainer.engine, trainer.chunks, trainer.ctx, b, 2, 0.0, 1,
                                                 carry).loss for b in no_reset]
             ignore_resets = False
+        tp = trainer.ctx.tp
         trainer.close()
-    model = full_model(cfg)
+    model = full_model(cfg, tp)
     with torch.no_grad():
         full = {name: model(d[None, :-1], d[None, 1:]).loss[0] for name, d in docs.items()}  # (n * L,)
     ref = []
@@ -256,10 +241,7 @@ def main() -> None:
         report = {"losses": r["losses"], "evals": r["evals"], "device": str(r["trainer"].ctx.device)}
     else:
         report = single(sys.argv[2]) if sys.argv[1] == "single" else layouts()
-    if dist.get_rank() == 0:
-        print("RESULT " + json.dumps(report), flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
+    report_and_close(report)
 
 
 if __name__ == "__main__":

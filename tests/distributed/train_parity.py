@@ -15,19 +15,19 @@ line `RESULT {json}`; the pytest side asserts on it.
 from __future__ import annotations
 
 import gc
-import json
 import sys
 
 import torch
 import torch.distributed as dist
-from _common import compare, norm_rel, rel  # tests/distributed/_common.py (the script's own folder)
+from _common import (  # tests/distributed/_common.py (the script's own folder)
+    compare,
+    norm_rel,
+    plain_torch,
+    rel,
+    report_and_close,
+)
 
 from megaret.config import load_config
-from megaret.models.retnet import RetNet
-from megaret.parallel.megatron_config import megatron_config
-from megaret.train.batches import SyntheticBatches
-from megaret.train.engine import _param_groups
-from megaret.train.schedule import learning_rate
 from megaret.train.trainer import Trainer, TrainingError
 
 BASE = [
@@ -47,33 +47,6 @@ def run_trainer(overrides: list[str]):
     params = trainer.full_parameters()
     trainer.close()
     return trainer, [r.loss for r in results], params, init, results
-
-
-def plain_torch(cfg, tp) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """The same training written directly: full model, torch AdamW, clip_grad_norm_, no DeepSpeed."""
-    torch.manual_seed(cfg.train.seed)
-    model = RetNet(cfg.model, megatron_config(cfg.model, cfg.parallel), tp)
-    o = cfg.optimizer
-    opt = torch.optim.AdamW(_param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-    data = SyntheticBatches(cfg.model.vocab_size, cfg.data.seq_length, cfg.train.global_batch_size, 1, 0,
-                            cfg.train.seed)
-    losses = []
-    for step in range(1, cfg.train.steps + 1):
-        for g in opt.param_groups:
-            g["lr"] = learning_rate(step, o, cfg.train.steps)
-        x, y = data.next_batch(step)
-        opt.zero_grad()
-        total = 0.0
-        mb = cfg.train.micro_batch_size
-        n = x.shape[0] // mb
-        for xm, ym in zip(x.split(mb), y.split(mb), strict=True):
-            loss = model(xm, ym).loss.mean() / n
-            loss.backward()
-            total += loss.item()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
-        opt.step()
-        losses.append(total)
-    return losses, {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
 def reference(out: str, run_dir: str) -> dict:
@@ -164,10 +137,7 @@ def main() -> None:
         for s in sys.argv[3:]:
             if s.startswith("nan"):
                 report[s] = nan_checks(int(s[len("nan"):]))
-    if dist.get_rank() == 0:
-        print("RESULT " + json.dumps(report), flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
+    report_and_close(report)
 
 
 if __name__ == "__main__":
