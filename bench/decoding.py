@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     from megaret.config import ModelConfig, ParallelConfig
     from megaret.models.attention_layer import KVCache
-    from megaret.models.factory import build_model
     from megaret.models.retnet import RetNetState
+    from megaret.models.spec import build_model
     from megaret.models.transformer import TransformerState
     from megaret.parallel.context import build_parallel_context
     from megaret.parallel.megatron_config import megatron_config
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     def step(name: str, tok) -> torch.Tensor:
         """One decoding step of `name` from states[name]; the Transformer's state advances."""
         if name == "retnet":
-            return models[name](tok, state=states[name], mode="recurrent").logits
+            return models[name](tok, state=states[name], retention_mode="recurrent").logits
         if name == "transformer":
             out = models[name](tok, state=states[name])
             states[name] = out.state

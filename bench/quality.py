@@ -88,7 +88,7 @@ def common_overrides(args: argparse.Namespace, seed: int, run_dir: Path) -> list
 def match_ffn(arch: str, args: argparse.Namespace, target: int) -> tuple[int, int]:
     """The FFN width (a multiple of 8) whose parameter count is closest to target, and that count."""
     from megaret.config import load_config
-    from megaret.models.param_count import param_count
+    from megaret.models.spec import param_count
 
     best = None
     for ffn in range(8, 16 * args.hidden + 1, 8):
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error(f"--seq-length {args.seq_length} must be a multiple of --block {args.block}")
 
     from megaret.config import load_config
-    from megaret.models.param_count import param_count
+    from megaret.models.spec import param_count
 
     d = args.hidden
     ref = param_count(

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(args.threads)
     from megaret.config import ModelConfig, ParallelConfig
-    from megaret.models.factory import build_model
+    from megaret.models.spec import build_model
     from megaret.parallel.context import build_parallel_context
     from megaret.parallel.megatron_config import megatron_config
 

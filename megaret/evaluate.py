@@ -43,10 +43,10 @@ def main(argv: list[str] | None = None) -> dict:
     shards = open_split(args.data or resolve_manifests(cfg)[0], args.split, tokenizer=cfg.data.tokenizer)
     long_enough = (d for d in iter_documents(shards) if len(d) > args.min_doc_tokens)
     docs = itertools.islice(long_enough, args.max_docs)  # --max-docs counts scored documents
-    chunk = args.chunk or cfg.data.seq_length
-    result = evaluate_documents(model, docs, args.context, chunk, device=ctx.device)
+    window = args.chunk or cfg.data.seq_length  # the evaluation window
+    result = evaluate_documents(model, docs, args.context, window, device=ctx.device)
     summary = result.summary()
-    summary.update(arch=cfg.model.arch, context=args.context, chunk=chunk, split=args.split)
+    summary.update(arch=cfg.model.arch, context=args.context, chunk=window, split=args.split)
     print(f"{'positions':>16} {'tokens':>10} {'loss':>8} {'ppl':>10}")
     for b in summary["buckets"]:
         if b["tokens"]:

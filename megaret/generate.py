@@ -28,7 +28,7 @@ from megaret.checkpoint.files import CheckpointError
 from megaret.config import ConfigError, load_config
 from megaret.data import Tokenizer, load_manifest, resolve_manifests
 from megaret.infer.generate import generate
-from megaret.models.factory import build_model
+from megaret.models.spec import build_model
 from megaret.parallel.context import build_parallel_context, destroy_parallel_context
 from megaret.parallel.megatron_config import megatron_config
 

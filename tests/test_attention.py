@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megaret.config import load_config
-from megaret.models.factory import build_model
+from megaret.models.spec import build_model
 from megaret.ops.attention import (
     attend_to_cache,
     blockwise_window_attention,
@@ -161,7 +161,7 @@ def test_reset_drops_the_cached_history(ctx1):
     x = torch.randint(cfg.model.vocab_size, (2, 64), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         first = model(x[:, :32])
-        cont = model(x[:, 32:], state=first.state, reset=torch.tensor([False, True]))
+        cont = model(x[:, 32:], state=first.state, restart=torch.tensor([False, True]))
         fresh = model(x[:, 32:])
         carried = model(x[:, 32:], state=first.state)
     assert rel(cont.logits[1], fresh.logits[1]) < 1e-10

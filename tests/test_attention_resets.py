@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from megaret.config import load_config
-from megaret.models.factory import build_model
+from megaret.models.spec import build_model
 from megaret.parallel.megatron_config import megatron_config
 
 TOL = 1e-10

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from megaret.config import load_config
-from megaret.models.factory import build_model
-from megaret.models.param_count import param_count
+from megaret.models.spec import build_model, param_count
 from megaret.parallel.megatron_config import megatron_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

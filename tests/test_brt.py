@@ -9,7 +9,7 @@ import torch
 
 from megaret.config import load_config
 from megaret.models.brt_layer import BRTLayerState
-from megaret.models.factory import build_model
+from megaret.models.spec import build_model
 from megaret.parallel.megatron_config import megatron_config
 
 
@@ -91,7 +91,7 @@ def test_reset_restores_the_learned_initial_state(ctx1):
     x = tokens(cfg, t=128)
     with torch.no_grad():
         first = model(x[:, :64])
-        cont = model(x[:, 64:], state=first.state, reset=torch.tensor([False, True]))
+        cont = model(x[:, 64:], state=first.state, restart=torch.tensor([False, True]))
         fresh = model(x[:, 64:])
         carried = model(x[:, 64:], state=first.state)
     assert rel(cont.logits[1], fresh.logits[1]) < 1e-10  # sample 1 starts a new document

@@ -150,15 +150,25 @@ def test_keep_policy(tmp_path):
 
 def test_carried_state_round_trips_through_weights_only(tmp_path):
     from megaret.models.retnet import RetNetState
-    from megaret.train.checkpoint import pack_state, unpack_state
+    from megaret.models.transformer import TransformerState
+    from megaret.train.step import StateCarry
 
     state = RetNetState([torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)], position=96)
-    torch.save({"carried_state": pack_state(state)}, tmp_path / "r.pt")
-    back = unpack_state(safe_load(tmp_path / "r.pt")["carried_state"])
-    assert isinstance(back, RetNetState) and back.position == 96
-    assert all(torch.equal(a, b) for a, b in zip(back.layers, state.layers, strict=True))
-    with pytest.raises(TypeError, match="cannot checkpoint"):
-        pack_state(types.SimpleNamespace(x=1))
+    carry = StateCarry(RetNetState)
+    carry.put(0, state)
+    torch.save({"carried_state": carry.state_dict()}, tmp_path / "r.pt")
+    back = StateCarry(RetNetState)
+    back.load_state_dict(safe_load(tmp_path / "r.pt")["carried_state"])
+    assert isinstance(back.state[0], RetNetState) and back.state[0].position == 96
+    assert all(torch.equal(a, b) for a, b in zip(back.state[0].layers, state.layers, strict=True))
+    # format-1 checkpoints packed dataclasses by name: read without any class-name table
+    legacy = {0: {"__state_type__": "RetNetState",
+                  "fields": {"layers": list(state.layers), "position": 96}}}
+    old = StateCarry(RetNetState)
+    old.load_state_dict(legacy)
+    assert all(torch.equal(a, b) for a, b in zip(old.state[0].layers, state.layers, strict=True))
+    with pytest.raises(ValueError, match="no layer state has the keys"):
+        TransformerState.from_state_dict({"layers": [{"x": torch.zeros(1)}], "position": 0})
 
 
 # ------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from megaret.infer.evaluate import (
     evaluate_sequence,
     iter_documents,
 )
-from megaret.models.factory import build_model
+from megaret.models.spec import build_model
 from megaret.parallel.megatron_config import megatron_config
 from tests.conftest import REPO
 from tests.data_fixtures import build_tiny
@@ -49,7 +49,7 @@ def test_streamed_loss_equals_one_pass(ctx1, name, chunk):
             y = torch.cat([ids[:, 1:], ids.new_zeros(2, pad)], 1)
             ref = model(x, y).loss[:, :n]
         else:
-            kw = {"mode": "parallel"} if name == "tiny" else {}
+            kw = {"retention_mode": "parallel"} if name == "tiny" else {}
             ref = model(ids[:, :-1], ids[:, 1:], **kw).loss  # (B, n)
     ref = ref.double()  # megatron's cross-entropy returns fp32 losses: compare at fp32 precision
     assert streamed.tokens == 2 * n
@@ -77,7 +77,7 @@ def test_bucket_edges_and_documents(ctx1):
     assert bucket_edges(16384)[:4] == [0, 64, 128, 256] and bucket_edges(16384)[-2:] == [8192, 16384]
     cfg, model = build(ctx1, "tiny")
     docs = [np.arange(50) % 7, np.arange(3), np.arange(200) % 11, np.arange(1)]
-    res = evaluate_documents(model, docs, context=128, chunk=32)
+    res = evaluate_documents(model, docs, context=128, window=32)
     assert res.documents == 3  # the one-token document has nothing to score
     assert res.tokens == 49 + 2 + 128  # the long one is cut at the context
     one = EvalResult(bucket_edges(128))
@@ -124,6 +124,6 @@ def test_evaluate_cli(tmp_path, ctx1):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.splitlines()[-1])
     docs = list(iter_documents(open_split(shards, "valid")))[:5]
-    want = evaluate_documents(model, docs, context=256, chunk=256)  # one pass per document
+    want = evaluate_documents(model, docs, context=256, window=256)  # one pass per document
     assert summary["tokens"] == want.tokens and summary["documents"] == want.documents
     assert abs(summary["loss"] - want.loss) < 1e-5

@@ -12,7 +12,7 @@ import torch
 
 from megaret.config import load_config
 from megaret.infer.generate import generate, make_decoder, sample_next
-from megaret.models.factory import build_model
+from megaret.models.spec import build_model
 from megaret.parallel.megatron_config import megatron_config
 from tests.conftest import REPO
 
@@ -52,7 +52,7 @@ def test_retnet_recurrent_decoding_matches_parallel_recompute(ctx1):
     cfg, model = build(ctx1, "tiny")
     x = prompt(cfg, t=21)  # not a multiple of the chunk (16): prefill crosses a chunk boundary
     got = generate(model, x, 24, greedy=True)
-    want, want_logits = greedy_recompute(model, x, 24, mode="parallel")
+    want, want_logits = greedy_recompute(model, x, 24, retention_mode="parallel")
     assert torch.equal(got, want)
     # the logits themselves agree (not only their argmax): token by token from position 0
     dec = decoded_logits(model, want)
@@ -67,9 +67,9 @@ def test_retnet_decoder_uses_the_recurrent_step(ctx1, monkeypatch):
     calls = []
     forward = model.forward
 
-    def spy(tokens, labels=None, state=None, mode=None):
-        calls.append((tokens.shape[1], mode))
-        return forward(tokens, labels, state, mode)
+    def spy(tokens, labels=None, *, state=None, retention_mode=None):
+        calls.append((tokens.shape[1], retention_mode))
+        return forward(tokens, labels, state=state, retention_mode=retention_mode)
 
     monkeypatch.setattr(model, "forward", spy)
     generate(model, prompt(cfg, t=5), 6, greedy=True)

@@ -23,8 +23,8 @@ def test_tiny_retnet_bf16_forward_backward_on_cuda(ctx1):
     assert torch.isfinite(loss)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     with torch.no_grad():  # the chunkwise and parallel forms agree within bf16 tolerance
-        ref = model(x, mode="parallel").logits.float()
-        got = model(x, mode="chunk").logits.float()
+        ref = model(x, retention_mode="parallel").logits.float()
+        got = model(x, retention_mode="chunk").logits.float()
     assert (got - ref).norm() / ref.norm() < 2e-2
 
 

@@ -16,7 +16,7 @@ from megaret.config import load_config
 from megaret.export import export, load_checkpoint
 from megaret.generate import load_weights
 from megaret.infer.generate import generate
-from megaret.models.factory import build_model
+from megaret.models.spec import build_model
 from megaret.parallel.megatron_config import megatron_config
 from tests.conftest import REPO
 

@@ -16,9 +16,8 @@ from megaret.config import load_config
 from megaret.infer.generate import generate, make_decoder
 from megaret.models import attention_layer
 from megaret.models.attention_layer import KVBuffer, KVCache, grown_capacity
-from megaret.models.factory import build_model
+from megaret.models.spec import build_model
 from megaret.parallel.megatron_config import megatron_config
-from megaret.train.checkpoint import pack_state, unpack_state
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -109,11 +108,11 @@ def test_reset_detach_and_grad_paths():
 def test_serialisation_keeps_only_the_live_entries():
     k0, v0 = kv(2, 5, 0)
     cache = KVCache.with_capacity(k0, v0, capacity=1024)
-    packed = pack_state(cache)  # what a checkpoint holds
+    packed = cache.state_dict()  # what a checkpoint holds (the state protocol)
     for name in ("k", "v", "valid"):
-        t = packed["fields"][name]
+        t = packed[name]
         assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
-    back = unpack_state(packed)
+    back = KVCache.from_state_dict(packed)
     assert torch.equal(back.k, k0) and back.buffer is None and back.capacity == 5
     buf = io.BytesIO()
     torch.save(cache, buf)  # plain pickling (torch.save / deepcopy) is compact too
@@ -187,8 +186,8 @@ def test_reset_of_a_causal_cache_and_multi_token_calls(ctx1):
     with torch.no_grad():
         first = model(x[:, :10])
         grown = model(x[:, 10:20], state=first.state)  # a 10-token call over the cache (masked path)
-        cont = model(x[:, 20:], state=grown.state, reset=torch.tensor([False, True]))
-        step = model(x[:, 20:21], state=grown.state, reset=torch.tensor([False, True]))  # T = 1, masked
+        cont = model(x[:, 20:], state=grown.state, restart=torch.tensor([False, True]))
+        step = model(x[:, 20:21], state=grown.state, restart=torch.tensor([False, True]))  # T = 1, masked
         full = model(x).logits
         fresh = model(x[:, 20:]).logits
     assert rel(torch.cat([first.logits, grown.logits, cont.logits], 1)[0], full[0]) < 1e-10

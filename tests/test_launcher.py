@@ -70,7 +70,7 @@ def check_tp2_run(run_dir, logs_prefix) -> list[tuple[int, float]]:
 
 
 def test_dry_run_6_7b_prints_the_built_parameter_count_and_memory(ctx1, capsys):
-    from megaret.models.factory import build_model
+    from megaret.models.spec import build_model
     from megaret.parallel.megatron_config import megatron_config
 
     assert submit_main()(["--config", "configs/6.7b.yaml", "--dry-run"]) == 0

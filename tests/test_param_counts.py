@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from megaret.config import load_config
-from megaret.models.param_count import retnet_param_count
 from megaret.models.retnet import RetNet
+from megaret.models.spec import param_count as retnet_param_count
 from megaret.parallel.megatron_config import megatron_config
 
 NOMINAL = {"1.3b": 1.3e9, "2.7b": 2.7e9, "6.7b": 6.7e9}

@@ -27,9 +27,9 @@ def test_parallel_chunk_recurrent_logits_agree(ctx1, ffn):
     model = build(ctx1, f"model.ffn_type={ffn}")
     x = tokens(2, 37)  # not a multiple of the chunk size
     with torch.no_grad():
-        ref = model(x, mode="parallel")
+        ref = model(x, retention_mode="parallel")
         for mode in ("chunk", "recurrent"):
-            out = model(x, mode=mode)
+            out = model(x, retention_mode=mode)
             assert (out.logits - ref.logits).abs().max() <= 1e-5, mode
             for s, s_ref in zip(out.state.layers, ref.state.layers, strict=True):
                 torch.testing.assert_close(s, s_ref, rtol=1e-5, atol=1e-5)
@@ -39,20 +39,20 @@ def test_forms_agree_in_fp64(ctx1):
     model = build(ctx1, dtype=torch.float64)
     x = tokens(2, 29)
     with torch.no_grad():
-        ref = model(x, mode="parallel").logits
+        ref = model(x, retention_mode="parallel").logits
         for mode in ("chunk", "recurrent"):
-            assert (model(x, mode=mode).logits - ref).abs().max() <= 1e-10, mode
+            assert (model(x, retention_mode=mode).logits - ref).abs().max() <= 1e-10, mode
 
 
 def test_token_by_token_decoding_reproduces_parallel_logits(ctx1):
     model = build(ctx1)
     x = tokens(2, 21)
     with torch.no_grad():
-        full = model(x, mode="parallel").logits
+        full = model(x, retention_mode="parallel").logits
         state = None
         steps = []
         for t in range(x.shape[1]):
-            out = model(x[:, t : t + 1], state=state, mode="recurrent")
+            out = model(x[:, t : t + 1], state=state, retention_mode="recurrent")
             state = out.state
             steps.append(out.logits)
     assert state.position == x.shape[1]
@@ -64,12 +64,12 @@ def test_chunkwise_prefill_then_recurrent_steps(ctx1):
     model = build(ctx1)
     x = tokens(1, 30)
     with torch.no_grad():
-        full = model(x, mode="parallel").logits
-        prefill = model(x[:, :19], mode="chunk")
+        full = model(x, retention_mode="parallel").logits
+        prefill = model(x[:, :19], retention_mode="chunk")
         rest = []
         state = prefill.state
         for t in range(19, 30):
-            out = model(x[:, t : t + 1], state=state, mode="recurrent")
+            out = model(x[:, t : t + 1], state=state, retention_mode="recurrent")
             state = out.state
             rest.append(out.logits)
     got = torch.cat([prefill.logits, *rest], dim=1)
@@ -80,9 +80,9 @@ def test_segments_with_state_equal_one_call_and_gradients_flow(ctx1):
     model = build(ctx1).train()
     x = tokens(2, 32)
     labels = torch.roll(x, -1, dims=1)
-    one = model(x, labels, mode="chunk")
-    a = model(x[:, :16], labels[:, :16], mode="chunk")
-    b = model(x[:, 16:], labels[:, 16:], state=a.state, mode="chunk")
+    one = model(x, labels, retention_mode="chunk")
+    a = model(x[:, :16], labels[:, :16], retention_mode="chunk")
+    b = model(x[:, 16:], labels[:, 16:], state=a.state, retention_mode="chunk")
     torch.testing.assert_close(torch.cat([a.loss, b.loss], 1), one.loss, rtol=1e-5, atol=1e-5)
     one.loss.mean().backward()
     grads = [p.grad for p in model.parameters()]

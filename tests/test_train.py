@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from megaret.config import ConfigError, load_config
-from megaret.models.retnet import RetNet, stage_layers
+from megaret.models.layout import stage_layers
+from megaret.models.retnet import RetNet
 from megaret.parallel.megatron_config import megatron_config
 from megaret.train.batches import SyntheticBatches
 from megaret.train.schedule import learning_rate

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from megaret.config import load_config
-from megaret.models.factory import build_model
-from megaret.models.retnet import stage_layers
+from megaret.models.layout import stage_layers
+from megaret.models.spec import build_model
 from megaret.parallel.megatron_config import megatron_config
 from tests.conftest import run_distributed
 

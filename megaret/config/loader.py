@@ -64,6 +64,8 @@ def _type_name(tp: Any) -> str:
     if optional:
         return f"{_type_name(inner)} or null"
     origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(str(a) for a in typing.get_args(tp))
     if origin is list:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
     if origin is dict:
@@ -98,6 +100,10 @@ def _check(key: str, value: Any, tp: Any, expected: str | None = None, numbers_a
             return None
         return _check(key, value, inner, expected=expected or _type_name(tp))
     origin = typing.get_origin(tp)
+    if origin is typing.Literal:  # a choice: any string here, the section names the choices
+        if isinstance(value, str):
+            return value
+        raise mismatch()
     if origin is list:
         if not isinstance(value, list | tuple):
             raise mismatch()

@@ -11,12 +11,39 @@ YAML loading, dotted overrides and type checking live in :mod:`megaret.config.lo
 from __future__ import annotations
 
 import dataclasses
+import functools
+import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown, mistyped or inconsistent (one-line message)."""
+
+
+# --------------------------------------------------------------------------------------------
+# choices: written once here; `choices(T)` lists them for the code that dispatches on them
+
+Arch = Literal["retnet", "transformer", "sliding", "brt"]
+FfnType = Literal["gelu", "swiglu"]
+RetentionMode = Literal["parallel", "chunk", "recurrent"]
+DecaySchedule = Literal["retnet", "loglinear"]
+NormType = Literal["layernorm", "rmsnorm"]
+GateType = Literal["fixed", "lstm"]
+OnCorrupt = Literal["error", "skip"]
+Packing = Literal["packed", "segments"]
+DefaultCorpus = Literal["small", "full"]
+DataSource = Literal["shards", "synthetic"]
+DecayStyle = Literal["polynomial", "cosine", "linear", "constant"]
+Precision = Literal["fp32", "bf16"]
+
+
+def choices(literal: Any) -> tuple[str, ...]:
+    """The values of a choice type, e.g. choices(Packing) == ("packed", "segments")."""
+    return typing.get_args(literal)
+
+
+ARCHS: tuple[str, ...] = choices(Arch)
 
 
 # --------------------------------------------------------------------------------------------
@@ -35,17 +62,24 @@ def _fmt(values: list[int]) -> str:
     return ", ".join(str(v) for v in values)
 
 
+@functools.cache
+def _choice_fields(cls: type) -> dict[str, tuple[str, ...]]:
+    """{field name: allowed values} of a section's Literal-typed fields."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: choices(hints[f.name]) for f in dataclasses.fields(cls)
+            if typing.get_origin(hints[f.name]) is Literal}
+
+
 class _Section:
     """Mixin with the per-field checks shared by all sections."""
 
     _section: ClassVar[str] = ""
-    _choices: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def _key(self, name: str) -> str:
         return f"{self._section}.{name}"
 
     def _check_choices(self) -> None:
-        for name, allowed in self._choices.items():
+        for name, allowed in _choice_fields(type(self)).items():
             value = getattr(self, name)
             if value not in allowed:
                 raise ConfigError(f"{self._key(name)}: {value!r} is not one of {', '.join(allowed)}")
@@ -73,38 +107,30 @@ class ModelConfig(_Section):
     """Network shape and numerics."""
 
     _section: ClassVar[str] = "model"
-    _choices: ClassVar[dict[str, tuple[str, ...]]] = {
-        "arch": ("retnet", "transformer", "sliding", "brt"),
-        "ffn_type": ("gelu", "swiglu"),
-        "retention_mode": ("parallel", "chunk", "recurrent"),
-        "decay_schedule": ("retnet", "loglinear"),
-        "norm_type": ("layernorm", "rmsnorm"),
-        "gate_type": ("fixed", "lstm"),
-    }
 
-    arch: str = "retnet"  # retnet | transformer (causal) | sliding (block-windowed) | brt
+    arch: Arch = "retnet"  # retnet | transformer (causal) | sliding (block-windowed) | brt
     vocab_size: int = 32000
     hidden_size: int = 2048
     num_layers: int = 24
     num_heads: int = 8
     ffn_hidden_size: int = 4096
-    ffn_type: str = "gelu"
+    ffn_type: FfnType = "gelu"
     value_factor: int = 2  # value / gate width = value_factor * hidden_size
     chunk_size: int = 256  # chunk length of the chunkwise retention form
-    retention_mode: str = "chunk"
-    decay_schedule: str = "retnet"
+    retention_mode: RetentionMode = "chunk"
+    decay_schedule: DecaySchedule = "retnet"
     rotary_base: float = 10000.0
     norm_eps: float = 1e-6
     dropout: float = 0.0
     init_std: float = 0.02
     tie_embeddings: bool = False
-    norm_type: str = "layernorm"
+    norm_type: NormType = "layernorm"
     # sliding / brt: block length W; attention sees the previous block and the causal current one
     block_size: int = 512
     # brt only: the recurrent cell (data.seq_length is the segment, a multiple of block_size)
     num_states: int = 512  # state vectors S carried from block to block
     recurrent_layers: list[int] = field(default_factory=lambda: [-3])  # layer indices; negative from the end
-    gate_type: str = "fixed"  # fixed | lstm gate on the state path
+    gate_type: GateType = "fixed"  # fixed | lstm gate on the state path
     state_skip: bool = True  # True: no MLP on the state path (Rec:fixed:skip)
 
     def __post_init__(self) -> None:
@@ -113,19 +139,6 @@ class ModelConfig(_Section):
             "vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size", "value_factor",
             "chunk_size", "rotary_base", "norm_eps", "init_std", "block_size", "num_states",
         )  # fmt: skip
-        if self.arch == "brt":
-            bad = [i for i in self.recurrent_layers if not -self.num_layers <= i < self.num_layers]
-            if bad or not self.recurrent_layers:
-                raise ConfigError(
-                    f"model.recurrent_layers={self.recurrent_layers} must be a non-empty list of layer "
-                    f"indices in [-{self.num_layers}, {self.num_layers - 1}] "
-                    f"(model.num_layers={self.num_layers})"
-                )
-            if len(set(self.recurrent_layer_indices)) != len(self.recurrent_layers):
-                raise ConfigError(
-                    f"model.recurrent_layers={self.recurrent_layers} names the same layer twice "
-                    f"(model.num_layers={self.num_layers})"
-                )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
 
@@ -138,6 +151,19 @@ class ModelConfig(_Section):
     def recurrent_layer_indices(self) -> list[int]:
         """model.recurrent_layers as sorted non-negative indices."""
         return sorted(i % self.num_layers for i in self.recurrent_layers)
+
+
+def zero_pipeline_refusal(zero_stage: int, pipeline: int, clip_grad: float = 0.0) -> str | None:
+    """Why DeepSpeed's ZeRO `zero_stage` cannot train under `pipeline` stages (None: it can)."""
+    if zero_stage >= 2 and pipeline > 1:
+        return (f"parallel.zero_stage={zero_stage} cannot run under a pipeline schedule "
+                f"(parallel.pipeline={pipeline}): DeepSpeed ZeRO-2/3 reduce gradients inside each "
+                "micro-batch; use parallel.zero_stage=1 or parallel.pipeline=1")
+    if zero_stage == 0 and pipeline > 1 and clip_grad > 0:
+        return (f"parallel.zero_stage=0 with parallel.pipeline={pipeline}: DeepSpeed's ZeRO-0 gradient "
+                "norm is wrong under a pipeline (so is clipping with optimizer.clip_grad); use "
+                "parallel.zero_stage=1")
+    return None
 
 
 @dataclass
@@ -166,12 +192,8 @@ class ParallelConfig(_Section):
                 f"parallel.virtual_pipeline={self.virtual_pipeline} needs parallel.pipeline > 1; "
                 "set parallel.pipeline to 2 or more or parallel.virtual_pipeline=null"
             )
-        if self.zero_stage >= 2 and self.pipeline > 1:
-            raise ConfigError(
-                f"parallel.zero_stage={self.zero_stage} cannot run under a pipeline schedule "
-                f"(parallel.pipeline={self.pipeline}): DeepSpeed ZeRO-2/3 reduce gradients inside each "
-                "micro-batch; use parallel.zero_stage=1 or parallel.pipeline=1"
-            )
+        if message := zero_pipeline_refusal(self.zero_stage, self.pipeline):
+            raise ConfigError(message)
 
     @property
     def model_parallel_size(self) -> int:
@@ -184,27 +206,21 @@ class DataConfig(_Section):
     """Training corpus and tokenization."""
 
     _section: ClassVar[str] = "data"
-    _choices: ClassVar[dict[str, tuple[str, ...]]] = {
-        "on_corrupt": ("error", "skip"),
-        "packing": ("packed", "segments"),
-        "default_corpus": ("small", "full"),
-        "source": ("shards", "synthetic"),
-    }
 
     seq_length: int = 2048
     paths: list[str] = field(default_factory=list)  # empty: the embedded default corpus
     weights: list[float] | None = None  # sampling weight per path (same length as paths)
     tokenizer: str | None = None  # None: the default tokenizer
     num_workers: int = 2  # DataLoader workers per rank (0 = load in the main process)
-    on_corrupt: str = "error"  # what to do with an unreadable shard / sample
+    on_corrupt: OnCorrupt = "error"  # what to do with an unreadable shard / sample
     # reset the recurrent state at document boundaries inside packed samples (batch.doc_start);
     # the trainer supports it for retnet only (attention archs would still see across documents)
     reset_at_doc_boundaries: bool = False
-    packing: str = "packed"  # packed: docs joined by <eos>; segments: document-ordered slots (stateful)
-    default_corpus: str = "small"  # size of the embedded corpus built when data.paths is empty
+    packing: Packing = "packed"  # packed: docs joined by <eos>; segments: document-ordered slots (stateful)
+    default_corpus: DefaultCorpus = "small"  # size of the embedded corpus built when data.paths is empty
     # default-corpus shards and fetched remote shards (None: ~/.cache/megaret/data)
     cache_dir: str | None = None
-    source: str = "shards"  # shards: the WebDataset shards above; synthetic: a toy bigram task (tests)
+    source: DataSource = "shards"  # shards: the WebDataset shards above; synthetic: a toy bigram task (tests)
 
     def __post_init__(self) -> None:
         self._check_choices()
@@ -225,9 +241,6 @@ class OptimizerConfig(_Section):
     """AdamW and the learning-rate schedule."""
 
     _section: ClassVar[str] = "optimizer"
-    _choices: ClassVar[dict[str, tuple[str, ...]]] = {
-        "decay_style": ("polynomial", "cosine", "linear", "constant"),
-    }
 
     lr: float = 6e-4  # peak learning rate
     min_lr: float = 0.0  # floor of the decay
@@ -235,7 +248,7 @@ class OptimizerConfig(_Section):
     eps: float = 1e-8
     weight_decay: float = 0.01
     warmup_steps: int = 375
-    decay_style: str = "polynomial"
+    decay_style: DecayStyle = "polynomial"
     decay_power: float = 1.0  # exponent of the polynomial decay (1: linear, as RetNet's recipe)
     clip_grad: float = 2.0  # global gradient-norm clip (0 disables)
 
@@ -256,13 +269,12 @@ class TrainConfig(_Section):
     """Length of the run, batch sizes, precision."""
 
     _section: ClassVar[str] = "train"
-    _choices: ClassVar[dict[str, tuple[str, ...]]] = {"precision": ("fp32", "bf16")}
 
     steps: int = 25000  # optimizer steps
     seed: int = 1234
     micro_batch_size: int = 1  # sequences per rank per forward/backward
     global_batch_size: int = 8  # sequences per optimizer step, over all data-parallel ranks
-    precision: str = "bf16"
+    precision: Precision = "bf16"
     log_interval: int = 10
     eval_interval: int = 1000
     eval_steps: int = 10  # 0 skips evaluation
@@ -387,7 +399,9 @@ class Config:
             if post_init is not None:
                 post_init()
         self._validate_model_shape()
+        self._validate_arch()
         self._validate_parallel_layout()
+        self._validate_training_features()
         self._validate_batch()
 
     def _validate_model_shape(self) -> None:
@@ -402,20 +416,13 @@ class Config:
                 f"model.hidden_size/model.num_heads={m.head_dim} must be even (rotary embeddings rotate "
                 "pairs of channels); change model.num_heads or model.hidden_size"
             )
-        uses_chunks = m.arch == "retnet" and m.retention_mode == "chunk"
-        seq = self.data.seq_length
-        if uses_chunks and seq % m.chunk_size:
-            raise ConfigError(
-                f"data.seq_length={seq} is not a multiple of model.chunk_size={m.chunk_size}; "
-                f"set data.seq_length to a multiple (e.g. {_next_multiple(seq, m.chunk_size)}) "
-                "or change model.chunk_size"
-            )
-        if m.arch in ("sliding", "brt") and seq % m.block_size:
-            raise ConfigError(
-                f"data.seq_length={seq} (the segment) is not a multiple of model.block_size={m.block_size}; "
-                f"set data.seq_length to a multiple (e.g. {_next_multiple(seq, m.block_size)}) "
-                "or change model.block_size"
-            )
+
+    def _validate_arch(self) -> None:
+        """What model.arch itself refuses: its spec's refusals (megaret/models/spec.py)."""
+        from megaret.models.spec import arch_spec  # no megatron import: the spec module is light
+
+        for message in arch_spec(self.model.arch).refused(self):
+            raise ConfigError(message)
 
     def _validate_parallel_layout(self) -> None:
         m, p = self.model, self.parallel
@@ -452,6 +459,19 @@ class Config:
                 f"{fix} {_fmt(_divisors(m.num_layers))}"
             )
 
+    def _validate_training_features(self) -> None:
+        """Combinations the trainer cannot run, whatever the arch."""
+        p = self.parallel
+        if p.sequence_parallel and p.zero_stage >= 2:
+            raise ConfigError(
+                f"parallel.sequence_parallel=true with parallel.zero_stage={p.zero_stage}: ZeRO-2/3 reduce "
+                "gradients inside the backward, before the norms' sequence-parallel gradients are summed "
+                "over tensor-parallel ranks; use parallel.zero_stage=1 (or 0)")
+        if self.model.tie_embeddings and p.pipeline > 1:
+            raise ConfigError(
+                "model.tie_embeddings=true needs the embedding and output layer on one stage; set "
+                "model.tie_embeddings=false or parallel.pipeline=1")
+
     def _validate_batch(self) -> None:
         t = self.train
         if t.global_batch_size % t.micro_batch_size:
@@ -463,7 +483,8 @@ class Config:
             )
 
     def validate_world(self, world_size: int) -> int:
-        """Check the layout against ``world_size`` processes and return the data-parallel size."""
+        """The checks the trainer runs before it starts, for ``world_size`` processes (the launcher's
+        dry run runs them for the `launch` allocation); returns the data-parallel size."""
         p, t = self.parallel, self.train
         mp = p.model_parallel_size
         if world_size <= 0:
@@ -475,6 +496,8 @@ class Config:
                 "parallel.tensor / parallel.pipeline"
             )
         dp = world_size // mp
+        if message := zero_pipeline_refusal(p.zero_stage, p.pipeline, self.optimizer.clip_grad):
+            raise ConfigError(message)
         per_step = t.micro_batch_size * dp
         if t.global_batch_size % per_step:
             raise ConfigError(

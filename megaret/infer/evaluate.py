@@ -1,7 +1,8 @@
-"""Long-context evaluation streamed chunk by chunk with carried state.
+"""Long-context evaluation streamed window by window with carried state.
 
-A document of N tokens is fed in chunks of `chunk` tokens; each call continues from the
-state the previous one returned, so the activations held at any time are one chunk's and
+A document of N tokens is fed in evaluation windows of `window` tokens (the CLI's --chunk);
+each call continues from the state the previous one returned, so the activations held at
+any time are one window's and
 the carried memory is the model's state: constant for RetNet (per-layer Dk x Dv matrices),
 the window (+ S state vectors) for sliding/BRT, and a growing KV cache only for the causal
 Transformer. The result is exactly the one-pass loss (tests/test_evaluate.py) at any length.
@@ -10,8 +11,9 @@ Besides the mean negative log-likelihood and perplexity, losses are summed by po
 bucket (edges 0, 64, 128, ... doubling up to the context), which shows whether a model
 keeps using context far back: a long-context model's loss keeps falling with position.
 
-BRT takes only block-aligned calls: the chunk is a multiple of model.block_size and the
-last chunk is padded (padding comes after every scored token, so causality hides it).
+BRT takes only block-aligned calls (its spec's `call_multiple`): the window is a multiple of
+model.block_size and the last window is padded (padding comes after every scored token, so
+causality hides it).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from torch import nn
 
 from megaret.data.shards import ShardSet
+from megaret.models.spec import arch_spec
 
 
 def bucket_edges(context: int, first: int = 64) -> list[int]:
@@ -89,61 +92,47 @@ class EvalResult:
         }  # fmt: skip
 
 
-def state_nbytes(state: Any) -> int:
-    """Bytes of every tensor reachable from a model state (RetNetState, TransformerState, ...)."""
-    if isinstance(state, torch.Tensor):
-        return state.numel() * state.element_size()
-    if isinstance(state, list | tuple):
-        return sum(state_nbytes(s) for s in state)
-    if hasattr(state, "__dict__"):
-        return sum(state_nbytes(v) for v in vars(state).values())
-    return 0
-
-
-def _forward(model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor, state: Any) -> Any:
-    if model.cfg.arch == "retnet":
-        return model(tokens, labels, state=state, mode="chunk")
-    return model(tokens, labels, state=state)
-
-
 @torch.no_grad()
 def evaluate_sequence(
-    model: nn.Module, ids: torch.Tensor, chunk: int, result: EvalResult | None = None,
+    model: nn.Module, ids: torch.Tensor, window: int, result: EvalResult | None = None,
     context: int | None = None,
 ) -> EvalResult:
     """ids: (B, N + 1) token ids; scores labels ids[:, 1:] from inputs ids[:, :-1], streamed
-    `chunk` inputs per call with the state carried. Adds into `result` (new one if None)."""
+    `window` inputs per call (the evaluation window) with the state carried. Adds into `result`
+    (a new one if None)."""
     n = ids.shape[1] - 1
     result = result or EvalResult(bucket_edges(context or n))
-    block = model.cfg.block_size if model.cfg.arch == "brt" else 1
-    if chunk % block:
-        raise ValueError(f"chunk={chunk} must be a multiple of model.block_size={block} for model.arch=brt")
+    spec = arch_spec(model.cfg.arch)
+    block = spec.call_multiple(model.cfg)
+    if window % block:
+        raise ValueError(f"window={window} must be a multiple of {block} (model.block_size) for "
+                         f"model.arch={model.cfg.arch}")
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
     state = None
     try:
-        for start in range(0, n, chunk):
-            end = min(start + chunk, n)
+        for start in range(0, n, window):
+            end = min(start + window, n)
             x, y = ids[:, start:end], ids[:, start + 1 : end + 1]
             real = x.shape[1]
-            pad = -real % block  # only the last BRT chunk: padding after every scored token
+            pad = -real % block  # only the last BRT window: padding after every scored token
             if pad:
                 x = torch.cat([x, x.new_zeros(x.shape[0], pad)], dim=1)
                 y = torch.cat([y, y.new_zeros(y.shape[0], pad)], dim=1)
-            out = _forward(model, x, y, state)
+            out = model(x, y, state=state, retention_mode=spec.prefill_form)
             state = out.state
             result.add(out.loss[:, :real], start)
     finally:
         model.train(was_training)
     result.seconds += time.perf_counter() - t0
     result.documents += ids.shape[0]
-    result.state_bytes = max(result.state_bytes, state_nbytes(state))
+    result.state_bytes = max(result.state_bytes, 0 if state is None else state.nbytes)
     return result
 
 
 def evaluate_documents(
-    model: nn.Module, documents: Iterable[np.ndarray | Sequence[int]], context: int, chunk: int,
+    model: nn.Module, documents: Iterable[np.ndarray | Sequence[int]], context: int, window: int,
     min_tokens: int = 2, device: torch.device | str = "cpu",
 ) -> EvalResult:
     """Each document (skipped below min_tokens, then truncated to context + 1 tokens) streamed alone."""
@@ -152,7 +141,7 @@ def evaluate_documents(
         if len(doc) < max(min_tokens, 2):
             continue
         doc = np.asarray(doc, dtype=np.int64)[: context + 1]
-        evaluate_sequence(model, torch.from_numpy(doc)[None].to(device), chunk, result)
+        evaluate_sequence(model, torch.from_numpy(doc)[None].to(device), window, result)
     return result
 
 

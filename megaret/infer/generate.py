@@ -2,21 +2,20 @@
 
     ids = generate(model, prompt_ids, max_new_tokens=64, temperature=0.8, top_p=0.9, seed=0)
 
-One decoder per architecture, each exact (the tests compare it with a full forward pass):
+One decoder for every arch, exact (the tests compare it with a full forward pass), driven by
+the arch spec (megaret/models/spec.py):
 
-- RetNet: the prompt is prefilled with the chunkwise form (`mode="chunk"`), then every new
-  token is one step of the recurrent form (`mode="recurrent"`) on the carried RetNetState:
-  O(1) time and memory per token whatever the context length.
-- Transformer (causal or sliding): the prompt fills the KV cache, then one token per call;
-  the causal cache grows with the context (written in place into a preallocated buffer,
-  which `generate` reserves for prompt + max_new_tokens after the prefill, so decoding never
-  reallocates), the sliding one keeps the window.
-- Block-Recurrent Transformer: its recurrent layer only takes block-aligned calls, and the
-  state of block i is needed by every token of block i + 1. The decoder keeps the state at
-  the last completed block boundary and re-runs the current partial block (padded to W
-  tokens; the padding sits after the read position, so causality keeps it invisible) from
-  that state at each token. That costs O(W) per token, is exact, and when the block fills
-  up its output state becomes the new boundary state.
+- the prompt is one call (RetNet: the spec's prefill form, chunkwise), then every new token is
+  one call on the carried state (RetNet: the spec's step form, recurrent: O(1) time and memory
+  per token whatever the context length; the causal Transformer appends to a KV cache, which
+  `generate` reserves for prompt + max_new_tokens after the prefill, so decoding never
+  reallocates; the sliding one keeps the window);
+- an arch whose calls must hold whole blocks (the spec's `call_multiple`: BRT's recurrent layer
+  needs the state of block i for every token of block i + 1) keeps the state at the last
+  completed block boundary and re-runs the current partial block (padded to W tokens; the
+  padding sits after the read position, so causality keeps it invisible) from that state at
+  each token: O(W) per token, exact; when the block fills up its output state becomes the new
+  boundary state.
 
 Logits are vocab-parallel; `model.gather_logits` assembles the full vocabulary on every TP
 rank, and every rank samples with the same seeded generator, so ranks agree on the tokens.
@@ -30,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from megaret.models.attention_layer import KVCache
+from megaret.models.spec import arch_spec
 
 
 def sample_next(
@@ -62,74 +61,32 @@ def sample_next(
 
 
 class Decoder:
-    """Feeds tokens to a model with its carried state; returns the next-token logits (B, V)."""
+    """Feeds tokens to a model with its carried state; returns the next-token logits (B, V).
+
+    State: the state at the last call boundary (for block-aligned archs: the last completed
+    block) and the tokens after it that do not fill a block yet (re-run, padded, at each step).
+    """
 
     def __init__(self, model: nn.Module) -> None:
+        spec = arch_spec(model.cfg.arch)
         self.model = model
         self.state: Any = None
+        self.block = spec.call_multiple(model.cfg)
+        self.forms = (spec.prefill_form, spec.step_form)
+        self.unbounded = spec.carried_span(model.cfg) is None  # a cache growing with the context
+        self.pending: torch.Tensor | None = None  # (B, r) tokens after the boundary, r < block
 
     def _last_logits(self, logits: torch.Tensor, index: int = -1) -> torch.Tensor:
         """(B, T, V / tp) -> the full-vocabulary logits (B, V) at position `index`."""
         return self.model.gather_logits(logits[:, index:][:, :1].contiguous())[:, 0]
 
-    def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def step(self, token: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def reserve(self, total: int) -> None:
-        """Make room in the carried state for `total` tokens in all (a hint; default: nothing)."""
-
-
-class RetNetDecoder(Decoder):
-    """Chunkwise prefill, then O(1) recurrent steps on the carried RetNetState."""
-
-    def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
-        out = self.model(prompt, state=self.state, mode="chunk")
-        self.state = out.state
-        return self._last_logits(out.logits)
-
-    def step(self, token: torch.Tensor) -> torch.Tensor:
-        out = self.model(token[:, None], state=self.state, mode="recurrent")
-        self.state = out.state
-        return self._last_logits(out.logits)
-
-
-class CachedDecoder(Decoder):
-    """Transformer (causal or sliding): the KV cache carries the context."""
-
-    def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
-        out = self.model(prompt, state=self.state)
-        self.state = out.state
-        return self._last_logits(out.logits)
-
-    def step(self, token: torch.Tensor) -> torch.Tensor:
-        return self.prefill(token[:, None])
-
-    def reserve(self, total: int) -> None:
-        """The causal cache keeps every key: preallocate it for `total` tokens (one copy now
-        instead of a few geometric reallocations while decoding). The sliding one is bounded."""
-        if self.state is None or getattr(self.model, "window", 0) is not None:
-            return  # windowed (bounded cache), or a model that does not say
-        self.state.layers = [s.reserve(total) if isinstance(s, KVCache) else s for s in self.state.layers]
-
-
-class BlockDecoder(Decoder):
-    """BRT: state at the last block boundary plus the tokens of the current partial block."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__(model)
-        self.block = model.cfg.block_size
-        self.pending: torch.Tensor | None = None  # (B, r) tokens after the boundary, r < W
-
-    def _feed(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _feed(self, tokens: torch.Tensor, form: str | None) -> torch.Tensor:
         w = self.block
         buf = tokens if self.pending is None else torch.cat([self.pending, tokens], dim=1)
         full = buf.shape[1] // w * w
         logits = None
         if full:  # whole blocks advance the boundary state
-            out = self.model(buf[:, :full], state=self.state)
+            out = self.model(buf[:, :full], state=self.state, retention_mode=form)
             self.state = out.state
             logits = out.logits
         rest = buf[:, full:]
@@ -138,26 +95,27 @@ class BlockDecoder(Decoder):
             return self._last_logits(logits)
         r = rest.shape[1]
         pad = rest.new_zeros(rest.shape[0], w - r)  # after position r - 1: never attended by it
-        out = self.model(torch.cat([rest, pad], dim=1), state=self.state)  # the boundary state is kept
+        out = self.model(torch.cat([rest, pad], dim=1), state=self.state, retention_mode=form)  # state kept
         return self._last_logits(out.logits, r - 1)
 
     def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
-        return self._feed(prompt)
+        """prompt (B, T0) -> the logits after its last token."""
+        return self._feed(prompt, self.forms[0])
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
-        return self._feed(token[:, None])
+        """token (B,) -> the logits after it."""
+        return self._feed(token[:, None], self.forms[1])
+
+    def reserve(self, total: int) -> None:
+        """A cache that keeps every key (the causal Transformer's) is preallocated for `total`
+        tokens: one copy now instead of a few geometric reallocations while decoding."""
+        if self.unbounded and self.state is not None:
+            self.state = self.state.reserve(total)
 
 
 def make_decoder(model: nn.Module) -> Decoder:
     """The exact, state-carrying decoder for model.cfg.arch."""
-    arch = model.cfg.arch
-    if arch == "retnet":
-        return RetNetDecoder(model)
-    if arch in ("transformer", "sliding"):
-        return CachedDecoder(model)
-    if arch == "brt":
-        return BlockDecoder(model)
-    raise ValueError(f"generate: no decoder for model.arch={arch!r}")
+    return Decoder(model)
 
 
 @torch.no_grad()

@@ -32,12 +32,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megaret.config import Config, ConfigError, ModelConfig
-from megaret.models.param_count import (
-    attention_layer_param_count,
-    param_count,
-    recurrent_layer_param_count,
-    retnet_param_count,
-)
+from megaret.models.layout import rank_layers
+from megaret.models.spec import arch_spec, norm_params
 
 GIB = 1024**3
 USABLE_FRACTION = 0.9
@@ -129,56 +125,23 @@ def make_layout(cfg: Config) -> Layout:
 # parameters
 
 
-def _norm(m: ModelConfig) -> int:
-    return 2 * m.hidden_size if m.norm_type == "layernorm" else m.hidden_size
-
-
-def layer_params(m: ModelConfig, index: int) -> tuple[int, int]:
-    """(TP-sharded, replicated) parameters of layer `index` of the full model.
+def stage_params(m: ModelConfig, tp: int, pp: int, vp: int = 1) -> list[int]:
+    """Parameters one rank of each pipeline stage holds (its TP shard of its layers).
 
     Linear weights and per-head parameters are split over TP; norms (and a BRT layer's state
     vectors) are replicated on every TP rank.
     """
-    if m.arch == "retnet":
-        total = (retnet_param_count(m) - _shell(m)) // m.num_layers
-        replicated = 2 * _norm(m)
-    elif m.arch == "brt" and index in m.recurrent_layer_indices:
-        total = recurrent_layer_param_count(m)
-        norms = 3 if m.state_skip else 4
-        replicated = norms * _norm(m) + 2 * m.num_states * m.hidden_size
-    else:
-        total = attention_layer_param_count(m)
-        replicated = 2 * _norm(m)
-    return total - replicated, replicated
-
-
-def _shell(m: ModelConfig) -> int:
-    """Embedding, output head (unless tied) and final norm."""
-    return m.vocab_size * m.hidden_size * (1 if m.tie_embeddings else 2) + _norm(m)
-
-
-def stage_layer_indices(num_layers: int, pp: int, stage: int, vp: int = 1) -> list[int]:
-    """Layers held by pipeline stage `stage` (megatron's interleaved order when vp > 1)."""
-    per_chunk = num_layers // (pp * vp)
-    return [
-        i for k in range(vp) for i in range((k * pp + stage) * per_chunk, (k * pp + stage + 1) * per_chunk)
-    ]
-
-
-def stage_params(m: ModelConfig, tp: int, pp: int, vp: int = 1) -> list[int]:
-    """Parameters one rank of each pipeline stage holds (its TP shard of its layers)."""
+    kinds = arch_spec(m.arch).layers(m, 1)
     vocab = m.vocab_size * m.hidden_size // tp
     out = []
     for stage in range(pp):
-        n = 0
-        for i in stage_layer_indices(m.num_layers, pp, stage, vp):
-            sharded, replicated = layer_params(m, i)
-            n += sharded // tp + replicated
+        layers = rank_layers(m.num_layers, pp, stage, vp)
+        n = sum(kinds[i].sharded // tp + kinds[i].replicated for i in layers)
         if stage == 0:
             n += vocab  # input embedding
         if stage == pp - 1:
             # output head; a tied head on a later stage is a second copy of the embedding
-            n += _norm(m) + (vocab if (not m.tie_embeddings or pp > 1) else 0)
+            n += norm_params(m) + (vocab if (not m.tie_embeddings or pp > 1) else 0)
         out.append(n)
     return out
 
@@ -197,28 +160,19 @@ def state_memory(params: int, zero_stage: int, dp: int, precision: str) -> tuple
     )
 
 
-def score_span(cfg: Config) -> int:
-    """Keys each query's scores span in memory (w in the module docstring)."""
-    m, s = cfg.model, cfg.data.seq_length
-    if m.arch == "retnet":
-        return min(m.chunk_size, s) if m.retention_mode == "chunk" else s
-    if m.arch in ("sliding", "brt"):
-        return min(2 * m.block_size, s)
-    return s
-
-
 def activation_memory(cfg: Config, layout: Layout, stage: int) -> float:
     """Estimated activation bytes on one rank of pipeline stage `stage` (module docstring)."""
     m = cfg.model
     s, b, h, a, t = layout.seq_length, layout.micro_batch_size, m.hidden_size, m.num_heads, layout.tp
     sp = cfg.parallel.sequence_parallel
-    layers = len(stage_layer_indices(m.num_layers, layout.pp, stage, layout.vp))
-    per_layer = s * b * h * (34 / t if sp else 10 + 24 / t) + 5 * a * s * score_span(cfg) * b / t
+    kinds = arch_spec(m.arch).layers(m, s)
+    layers = [kinds[i] for i in rank_layers(m.num_layers, layout.pp, stage, layout.vp)]
+    per_layer = [s * b * h * (34 / t if sp else 10 + 24 / t) + 5 * a * s * k.span * b / t for k in layers]
     if cfg.train.recompute:
-        stored = layers * 2 * s * b * h / (t if sp else 1)
-        working = per_layer
+        stored = len(layers) * 2 * s * b * h / (t if sp else 1)
+        working = max(per_layer, default=0.0)
     else:
-        stored, working = layers * per_layer, 0.0
+        stored, working = sum(per_layer), 0.0
     in_flight = min(layout.pp - stage, layout.micro_batches)
     total = stored * in_flight + working
     if stage == layout.pp - 1:
@@ -239,7 +193,8 @@ def make_plan(cfg: Config, check_fit: bool = True) -> Plan:
         Memory(*state_memory(n, z, layout.dp, prec), activation_memory(cfg, layout, i))
         for i, n in enumerate(per_stage)
     ]
-    plan = Plan(layout, param_count(cfg.model), per_stage, memory, cfg.launch.gpu_mem_gb, z, prec)
+    total = arch_spec(cfg.model.arch).param_count(cfg.model)
+    plan = Plan(layout, total, per_stage, memory, cfg.launch.gpu_mem_gb, z, prec)
     if check_fit:
         worst = plan.worst_stage
         need, usable = memory[worst].total / GIB, USABLE_FRACTION * plan.gpu_mem_gb

@@ -20,6 +20,7 @@ from torch import nn
 
 from megaret.models.parallel_linear import column, row
 from megaret.models.rotary import Rotary
+from megaret.models.state import tensor_bytes, to_device
 from megaret.ops.attention import (
     attend_to_cache,
     blockwise_window_attention,
@@ -100,8 +101,8 @@ class KVCache:
 
     k, v and valid may be views of the first L entries of a larger KVBuffer (capacity >= L):
     `append` then writes new tokens in place. The buffer is not a dataclass field, so a
-    checkpoint (megaret.train.checkpoint.pack_state) holds only the live, compact views, and
-    a cache rebuilt from them has capacity L (its next append reallocates).
+    checkpoint (`state_dict`) holds only the live, compact views, and a cache rebuilt from them
+    has capacity L (its next append reallocates).
     """
 
     k: torch.Tensor  # (B, H_local, L, D)
@@ -197,11 +198,34 @@ class KVCache:
         cache._buffer = self._buffer  # a buffer never requires grad (appends under autograd concatenate)
         return cache
 
-    def reset(self, reset: torch.Tensor | None) -> KVCache:
-        """Drop the history of the samples flagged in reset (B,) bool."""
-        if reset is None:
+    def reset(self, mask: torch.Tensor | None) -> KVCache:
+        """Drop the history of the samples flagged in mask (B,) bool."""
+        if mask is None:
             return self
-        return KVCache(self.k, self.v, self.valid & ~reset[:, None])  # the next append copies
+        return KVCache(self.k, self.v, self.valid & ~mask.bool()[:, None])  # the next append copies
+
+    # -- the state protocol (megaret/models/state.py) ---------------------------------------------
+
+    state_keys = ("k", "v", "valid")
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the live entries (a preallocated buffer's spare capacity not counted)."""
+        return tensor_bytes(self.k, self.v, self.valid)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The live entries, compact, on the CPU (the buffer's spare capacity is not saved: a
+        cache rebuilt from them has capacity L, and its next append reallocates)."""
+        return {name: t.detach().cpu().clone(memory_format=torch.contiguous_format)
+                for name, t in (("k", self.k), ("v", self.v), ("valid", self.valid))}
+
+    @classmethod
+    def from_state_dict(cls, d: dict[str, torch.Tensor], device: torch.device | str | None = None) -> KVCache:
+        return cls(*(to_device(d[name], device) for name in cls.state_keys))
 
     def __getstate__(self) -> dict:
         """Pickling (and deepcopy) keeps only the live entries, compact, without the buffer."""

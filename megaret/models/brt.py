@@ -24,7 +24,7 @@ class BlockRecurrentTransformer(Transformer):
     def __init__(self, cfg: ModelConfig, config: TransformerConfig, tp: TensorParallel, **stage) -> None:
         """stage: pre_process / post_process / layers, as for Transformer (one pipeline stage)."""
         self.recurrent = set(cfg.recurrent_layer_indices)
-        super().__init__(cfg, config, tp, **stage)
+        super().__init__(cfg, config, tp, window=cfg.block_size, **stage)
 
     def build_layer(self, index: int, config: TransformerConfig) -> nn.Module:
         if index in self.recurrent:

@@ -34,6 +34,7 @@ from megaret.models.attention_layer import HeadScale, KVCache, SelfAttention, wi
 from megaret.models.ffn import FeedForward
 from megaret.models.norms import build_norm
 from megaret.models.parallel_linear import column, row
+from megaret.models.state import tensor_bytes, to_device
 from megaret.parallel.context import TensorParallel
 
 
@@ -43,9 +44,42 @@ class BRTLayerState:
 
     state: torch.Tensor  # (B, S, d) recurrent state after the last block (same on every TP rank)
     cache: KVCache  # the last block's token keys (rotated) and values, (B, H_local, W, D)
+    # (B,) bool or None: samples whose next segment starts a new document (the layer then
+    # restores its learned initial state for them; `reset` sets it)
+    fresh: torch.Tensor | None = None
+
+    state_keys = ("state", "cache")  # (fresh is optional)
 
     def detach(self) -> BRTLayerState:
-        return BRTLayerState(self.state.detach(), self.cache.detach())
+        return BRTLayerState(self.state.detach(), self.cache.detach(), self.fresh)
+
+    def reset(self, mask: torch.Tensor | None) -> BRTLayerState:
+        """Flagged samples (mask (B,) bool) drop the cached block and restart from the initial state."""
+        if mask is None:
+            return self
+        mask = mask.bool()
+        fresh = mask if self.fresh is None else self.fresh | mask
+        return BRTLayerState(self.state, self.cache.reset(mask), fresh)
+
+    @property
+    def batch_size(self) -> int:
+        return self.state.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_bytes(self.state, self.fresh) + self.cache.nbytes
+
+    def state_dict(self) -> dict:
+        out = {"state": self.state.detach().cpu().clone(), "cache": self.cache.state_dict()}
+        if self.fresh is not None:
+            out["fresh"] = self.fresh.cpu().clone()
+        return out
+
+    @classmethod
+    def from_state_dict(cls, d: dict, device: torch.device | str | None = None) -> BRTLayerState:
+        fresh = d.get("fresh")
+        return cls(to_device(d["state"], device), KVCache.from_state_dict(d["cache"], device),
+                   None if fresh is None else to_device(fresh, device))
 
 
 class Gate(nn.Module):
@@ -165,12 +199,12 @@ class RecurrentBlock(nn.Module):
     # -- forward ------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, layer_state: BRTLayerState | None, position: int,
-                reset: torch.Tensor | None = None, doc: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, BRTLayerState]:
+                doc: torch.Tensor | None = None) -> tuple[torch.Tensor, BRTLayerState]:
         """x: (T, B, d), T a multiple of W, starting on a block boundary -> ((T, B, d), new state).
 
-        reset (B,) bool restores the learned initial state (and drops the cached block) for
-        the samples that start a new document with this segment. doc (B, T) long: document ids
+        Samples the carried state marks `fresh` (a reset: they start a new document with this
+        segment, their cached block already dropped) restart from the learned initial state.
+        doc (B, T) long: document ids
         inside the segment (0 continues the carried state's document): no attention crosses a
         document start; tokens of a document that starts inside block i read the initial state
         instead of c_i, and the state leaving block i is the initial state updated with the
@@ -180,9 +214,9 @@ class RecurrentBlock(nn.Module):
         if layer_state is None:
             c, cache = self.initial(b), None
         else:
-            c, cache = layer_state.state.transpose(0, 1), layer_state.cache.reset(reset)
-            if reset is not None:
-                c = torch.where(reset[None, :, None], self.initial(b), c)  # (S, B, d)
+            c, cache = layer_state.state.transpose(0, 1), layer_state.cache
+            if layer_state.fresh is not None:
+                c = torch.where(layer_state.fresh[None, :, None], self.initial(b), c)  # (S, B, d)
         a = self.attn
         h = self.token_norm(x)
         q = a.qk_scale(a.heads(a.q_proj(h)[0]))  # (B, H, T, D) token self-attention queries

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 from torch import nn
 
+from megaret.config.schema import RetentionMode, choices
 from megaret.models.norms import head_norm
 from megaret.models.parallel_linear import column, row
 from megaret.models.rotary import Rotary
@@ -24,8 +25,6 @@ from megaret.ops import (
     retnet_log_decay,
 )
 from megaret.parallel.context import TensorParallel
-
-RETENTION_MODES = ("parallel", "chunk", "recurrent")
 
 
 class MultiScaleRetention(nn.Module):
@@ -71,7 +70,7 @@ class MultiScaleRetention(nn.Module):
         x: torch.Tensor,
         state: torch.Tensor | None = None,
         position: int = 0,
-        mode: str = "chunk",
+        mode: RetentionMode = "chunk",
         doc_start: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (T, B, d) ((T / tp, B, d) under sequence parallelism: the column-parallel
@@ -99,7 +98,8 @@ class MultiScaleRetention(nn.Module):
             else:
                 o, new_state = recurrent_retention(q, k, v, log_decay, state, reset)
         else:
-            raise ValueError(f"model.retention_mode: unknown {mode!r}; use one of {RETENTION_MODES}")
+            allowed = ", ".join(choices(RetentionMode))
+            raise ValueError(f"retention_mode: unknown {mode!r}; use one of {allowed}")
         y = head_norm(o, self.norm_eps)  # (B, T, H, Dv)
         b, t = q.shape[:2]  # the full T also under sequence parallelism (x is then a T / tp shard)
         y = y.transpose(0, 1).reshape(t, b, self.local_heads * self.value_dim)  # (T, B, H*Dv)

@@ -21,22 +21,43 @@ from megaret.config import ModelConfig
 from megaret.models.ffn import FeedForward
 from megaret.models.norms import build_norm
 from megaret.models.retention_layer import MultiScaleRetention
-from megaret.models.stage import StagedLanguageModel, stage_layers
+from megaret.models.stage import StagedLanguageModel
+from megaret.models.state import StackState, tensor_bytes, to_device
 from megaret.parallel.context import TensorParallel
 
-__all__ = ["RetNet", "RetNetBlock", "RetNetOutput", "RetNetState", "stage_layers"]
+__all__ = ["RetNet", "RetNetBlock", "RetNetOutput", "RetNetState"]
 
 
-@dataclass
-class RetNetState:
-    """What a caller carries to continue a sequence: per-layer retention states and the
-    absolute position of the next token (for the rotary angles)."""
+class RetNetState(StackState):
+    """Per-layer retention states, each (B, H_local, Dk, Dv), and the absolute position of the
+    next token (for the rotary angles). A fresh sample's state is zero."""
 
-    layers: list[torch.Tensor]  # each (B, H_local, Dk, Dv)
-    position: int
+    layers: list[torch.Tensor]
 
-    def detach(self) -> RetNetState:
-        return RetNetState([s.detach() for s in self.layers], self.position)
+    @staticmethod
+    def _layer_detach(s: torch.Tensor) -> torch.Tensor:
+        return s.detach()
+
+    @staticmethod
+    def _layer_reset(s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        keep = (~mask).to(device=s.device, dtype=s.dtype).view(-1, 1, 1, 1)
+        return s * keep
+
+    @staticmethod
+    def _layer_batch(s: torch.Tensor) -> int:
+        return s.shape[0]
+
+    @staticmethod
+    def _layer_nbytes(s: torch.Tensor) -> int:
+        return tensor_bytes(s)
+
+    @staticmethod
+    def _layer_state_dict(s: torch.Tensor) -> torch.Tensor:
+        return s.detach().cpu().clone()
+
+    @classmethod
+    def _layer_from_state_dict(cls, d: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+        return to_device(d, device)
 
 
 @dataclass
@@ -83,22 +104,11 @@ class RetNet(StagedLanguageModel):
     def build_layer(self, index: int, config: TransformerConfig) -> nn.Module:
         return RetNetBlock(self.cfg, config, self.tp)
 
-    def forward(
-        self,
-        tokens: torch.Tensor | None,
-        labels: torch.Tensor | None = None,
-        state: RetNetState | None = None,
-        mode: str | None = None,
-        doc_start: torch.Tensor | None = None,
-        return_state: bool = False,
-    ) -> RetNetOutput | torch.Tensor | tuple[torch.Tensor, RetNetState]:
-        """tokens: (B, T) int ids (ignored by a non-first stage); labels: (B, T) or None;
-        state: from a previous call. A non-last stage returns its hidden states (T, B, d), or
-        (hidden, the state of its layers) with return_state (stateful training under a pipeline).
-        doc_start: (B, T) bool or None: True where a document starts inside the sample; every
-        layer's retention state is zeroed just before it, so packed documents do not see each
-        other (rotary positions run on: retention depends only on positions within a document)."""
-        return self.run_stack(tokens, labels, state, return_state, mode or self.cfg.retention_mode, doc_start)
+    def layer_inputs(self, doc_start: torch.Tensor | None, retention_mode: str | None) -> tuple:
+        """(retention form, doc_start): the form is retention_mode, else model.retention_mode; a
+        document start zeroes every layer's retention state just before it (rotary positions run
+        on: retention depends only on positions within a document)."""
+        return (retention_mode or self.cfg.retention_mode, doc_start)
 
     def init_state(self, batch_size: int, dtype: torch.dtype = torch.float32,
                    device: torch.device | None = None) -> RetNetState:

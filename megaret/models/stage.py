@@ -40,21 +40,6 @@ def seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
         return build()
 
 
-def stage_layers(num_layers: int, pp_size: int, pp_rank: int, vp_size: int = 1, vp_rank: int = 0
-                 ) -> tuple[list[int], bool, bool]:
-    """(global layer indices, pre_process, post_process) of one pipeline model chunk.
-
-    Megatron's interleaved layout: virtual stage s = vp_rank * pp_size + pp_rank holds the
-    s-th contiguous slice of num_layers / (pp_size * vp_size) layers.
-    """
-    stages = pp_size * vp_size
-    if num_layers % stages:
-        raise ValueError(f"model.num_layers={num_layers} is not divisible by pipeline*virtual={stages}")
-    per = num_layers // stages
-    s = vp_rank * pp_size + pp_rank
-    return list(range(s * per, (s + 1) * per)), s == 0, s == stages - 1
-
-
 class StagedLanguageModel(nn.Module):
     """Token ids in, vocab-parallel logits (and per-token loss) out; subclasses give the blocks.
 
@@ -181,15 +166,48 @@ class StagedLanguageModel(nn.Module):
 
         return tensor_parallel.checkpoint(hidden_only, False, x), box["state"]
 
+    def layer_inputs(self, doc_start: torch.Tensor | None, retention_mode: str | None) -> tuple:
+        """The arguments every block of this arch takes after (x, its state, position)."""
+        raise NotImplementedError
+
+    def forward(
+        self,
+        tokens: torch.Tensor | None,
+        labels: torch.Tensor | None = None,
+        *,
+        state: Any = None,
+        restart: torch.Tensor | None = None,
+        doc_start: torch.Tensor | None = None,
+        retention_mode: str | None = None,
+        return_state: bool = False,
+    ) -> Any:
+        """The one forward of every arch.
+
+        tokens: (B, T) int ids (ignored by a non-first stage); labels: (B, T) or None.
+        state: the `state_type` a previous call returned (None: a fresh sequence).
+        restart: (B,) bool or None: True where a sample starts a new document with this call; its
+            carried history is dropped (`state.reset(restart)`: a zero retention state, an
+            emptied cache, BRT's learned initial state).
+        doc_start: (B, T) bool or None: True where a document starts INSIDE the sample (packed
+            samples): no token mixes across a document start (exactly as separate runs for
+            RetNet and the causal Transformer; for the block-windowed archs when documents
+            start on block boundaries, since a separate run aligns its blocks to its start).
+        retention_mode: the retention form of this call, 'parallel' | 'chunk' | 'recurrent'
+            (RetNet only; default model.retention_mode; a one-token call is always one O(1) step).
+        return_state: on a non-last stage, return (hidden, the state of its layers) (stateful
+            training under a pipeline).
+        Returns an `output_type` (logits (B, T, V / tp), per-token loss (B, T) or None, next
+        state) on the last stage; otherwise the hidden states (T, B, d) (or with the state).
+        """
+        if state is not None and restart is not None:
+            state = state.reset(restart)
+        layer_args = self.layer_inputs(doc_start, retention_mode)
+        return self.run_stack(tokens, labels, state, return_state, *layer_args)
+
     def run_stack(self, tokens: torch.Tensor | None, labels: torch.Tensor | None, state: Any,
                   return_state: bool, *layer_args: Any) -> Any:
-        """The forward every arch shares: embed (or take the previous stage's hidden states),
-        run this stage's layers, each as layer(x, its state, position, *layer_args), and finish.
-
-        state: a `state_type` (per-layer states and the next position) or None. Returns an
-        `output_type` (logits, loss, next state) on the last stage; otherwise the hidden states
-        (T, B, d), or (hidden, next state) with return_state.
-        """
+        """Embed (or take the previous stage's hidden states), run this stage's layers, each as
+        layer(x, its state, position, *layer_args), and finish (see `forward`)."""
         position = 0 if state is None else state.position
         layer_states = [None] * len(self.layers) if state is None else state.layers
         if len(layer_states) != len(self.layers):

@@ -13,7 +13,6 @@ initialised from its own seed, so a stage's weights equal the same part of the f
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from megatron.core.transformer import TransformerConfig
@@ -21,23 +20,24 @@ from torch import nn
 
 from megaret.config import ModelConfig
 from megaret.models.attention_layer import KVCache, SelfAttention
+from megaret.models.brt_layer import BRTLayerState
 from megaret.models.ffn import FeedForward
 from megaret.models.norms import build_norm
 from megaret.models.stage import StagedLanguageModel
+from megaret.models.state import StackState
 from megaret.parallel.context import TensorParallel
 
 
-@dataclass
-class TransformerState:
+class TransformerState(StackState):
     """Per-layer caches (KVCache for attention layers, BRTLayerState for recurrent ones; None
     before the first call) and the absolute position of the next token."""
 
-    layers: list[Any]
-    position: int
+    layer_types = (KVCache, BRTLayerState)
 
-    def detach(self) -> TransformerState:
-        """Stop gradients at the segment boundary (truncated backpropagation through time)."""
-        return TransformerState([None if s is None else s.detach() for s in self.layers], self.position)
+    def reserve(self, capacity: int) -> TransformerState:
+        """Room for `capacity` tokens in every growing KV cache (decoding; see KVCache.reserve)."""
+        return TransformerState([s.reserve(capacity) if isinstance(s, KVCache) else s for s in self.layers],
+                                self.position)
 
 
 @dataclass
@@ -61,12 +61,9 @@ class TransformerBlock(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None, position: int,
-                reset: torch.Tensor | None = None, doc: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, KVCache]:
-        """x: (T, B, d) -> ((T, B, d), this layer's cache); reset (B,) drops a sample's history;
-        doc (B, T) document ids inside the call (see Transformer.forward)."""
-        if cache is not None:
-            cache = cache.reset(reset)
+                doc: torch.Tensor | None = None) -> tuple[torch.Tensor, KVCache]:
+        """x: (T, B, d) -> ((T, B, d), this layer's cache); doc (B, T) document ids inside the
+        call (0 continues the cache's document; see StagedLanguageModel.forward)."""
         y, cache = self.attention(self.attention_norm(x), cache, position, doc)
         x = x + self.dropout(y)
         x = x + self.dropout(self.ffn(self.ffn_norm(x)))
@@ -76,14 +73,17 @@ class TransformerBlock(nn.Module):
 class Transformer(StagedLanguageModel):
     """Token ids in, vocab-parallel logits (and per-token loss) out, with carried caches.
 
-    arch 'transformer': full causal attention; 'sliding': every layer block-windowed with
-    window model.block_size. Subclasses (BRT) replace layers through `build_layer`. As one
+    Without a window: full causal attention (arch 'transformer'); with one: every layer
+    block-windowed (arch 'sliding'). Subclasses (BRT) replace layers through `build_layer`. As one
     pipeline stage (see StagedLanguageModel), a non-last stage returns its hidden states.
     """
 
-    def __init__(self, cfg: ModelConfig, config: TransformerConfig, tp: TensorParallel, **stage) -> None:
-        """stage: pre_process / post_process / layers (global indices), for one pipeline stage."""
-        self.window = None if cfg.arch == "transformer" else cfg.block_size  # read by build_layer
+    def __init__(self, cfg: ModelConfig, config: TransformerConfig, tp: TensorParallel, *,
+                 window: int | None = None, **stage) -> None:
+        """window: None for full causal attention, else the block length of block-windowed
+        attention (the arch spec passes model.block_size); stage: pre_process / post_process /
+        layers (global indices), for one pipeline stage."""
+        self.window = window  # read by build_layer
         super().__init__(cfg, config, tp, **stage)
 
     @property
@@ -99,25 +99,9 @@ class Transformer(StagedLanguageModel):
     def build_layer(self, index: int, config: TransformerConfig) -> nn.Module:
         return TransformerBlock(self.cfg, config, self.tp, self.window)
 
-    def forward(
-        self,
-        tokens: torch.Tensor | None,
-        labels: torch.Tensor | None = None,
-        state: TransformerState | None = None,
-        reset: torch.Tensor | None = None,
-        return_state: bool = False,
-        doc_start: torch.Tensor | None = None,
-    ) -> TransformerOutput | torch.Tensor | tuple[torch.Tensor, TransformerState]:
-        """tokens: (B, T) int ids (ignored by a non-first stage); labels: (B, T) or None;
-        state: from a previous call; reset: (B,) bool, True where a sample starts a new
-        document with this call (its carried history is dropped; a recurrent layer restores
-        its learned initial state). A non-last stage returns its hidden states (T, B, d), or
-        (hidden, the state of its layers) with return_state (stateful training under a pipeline).
-        doc_start: (B, T) bool or None: True where a document starts inside the sample (packed
-        samples): no token attends across a document start, and a recurrent layer restores its
-        initial state there, so packed documents equal their separate runs (exactly for the
-        causal Transformer; for the block-windowed archs when documents start on block
-        boundaries, since a separate run would align its blocks to the document's start)."""
-        # (B, T) document ids: 0 continues the carried history, each start opens the next id
-        doc = None if doc_start is None else doc_start.long().cumsum(dim=1)
-        return self.run_stack(tokens, labels, state, return_state, reset, doc)
+    def layer_inputs(self, doc_start: torch.Tensor | None, retention_mode: str | None) -> tuple:
+        """(doc,): (B, T) document ids, 0 continuing the carried history, each start opening the
+        next id (None without doc_start)."""
+        if retention_mode is not None:
+            raise ValueError(f"retention_mode={retention_mode!r} applies to model.arch=retnet only")
+        return (None if doc_start is None else doc_start.long().cumsum(dim=1),)

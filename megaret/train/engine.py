@@ -17,10 +17,10 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from torch import nn
 
-from megaret.config import Config
-from megaret.models.factory import build_model
-from megaret.models.retnet import RetNet
-from megaret.models.stage import stage_layers
+from megaret.config import Config, ConfigError
+from megaret.config.schema import zero_pipeline_refusal
+from megaret.models.layout import stage_layers
+from megaret.models.spec import build_model
 from megaret.parallel.context import ParallelContext
 from megaret.parallel.megatron_config import megatron_config
 
@@ -76,7 +76,7 @@ class StageModules(nn.Module):
     """This rank's model chunks (one, or several with an interleaved schedule) as one module
     for DeepSpeed; megatron's schedules get the chunks themselves."""
 
-    def __init__(self, chunks: list[RetNet]) -> None:
+    def __init__(self, chunks: list[nn.Module]) -> None:
         super().__init__()
         self.chunks = nn.ModuleList(chunks)
 
@@ -95,25 +95,10 @@ def micro_batches_per_step(cfg: Config, dp_size: int) -> int:
     return cfg.train.global_batch_size // per_step
 
 
-def check_training_features(cfg: Config) -> None:
-    """Refuse, with the key to change, the combinations the trainer does not support."""
-    arch = cfg.model.arch
-    if cfg.data.packing == "segments" and arch == "transformer":
-        raise ValueError(
-            "data.packing=segments with model.arch=transformer: the causal Transformer's key/value "
-            "cache grows with every segment, so it cannot be carried across training steps; use "
-            "data.packing=packed (or model.arch=sliding / brt, whose carried caches are bounded)")
-    if cfg.parallel.sequence_parallel and cfg.parallel.zero_stage >= 2:
-        raise ValueError(
-            f"parallel.sequence_parallel=true with parallel.zero_stage={cfg.parallel.zero_stage}: ZeRO-2/3 "
-            "reduce gradients inside the backward, before the norms' sequence-parallel gradients are summed "
-            "over tensor-parallel ranks; use parallel.zero_stage=1 (or 0)")
-
-
 def build_stage_modules(cfg: Config, ctx: ParallelContext) -> list[nn.Module]:
-    """The model chunks this rank holds (any model.arch, built by megaret.models.factory),
-    initialised exactly like the same layers of the full model."""
-    check_training_features(cfg)
+    """The model chunks this rank holds (any model.arch, built through its spec), initialised
+    exactly like the same layers of the full model. (The config already refused what the
+    trainer cannot run: Config.validate.)"""
     bf16 = cfg.train.precision == "bf16"
     config = megatron_config(cfg.model, cfg.parallel, torch.bfloat16 if bf16 else torch.float32, bf16=bf16)
     vp = cfg.parallel.virtual_pipeline or 1
@@ -152,19 +137,11 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict:
     }
 
 
-def build_engine(cfg: Config, ctx: ParallelContext, chunks: list[RetNet]):
+def build_engine(cfg: Config, ctx: ParallelContext, chunks: list[nn.Module]):
     """deepspeed.initialize over this rank's chunks with a client AdamW; returns the engine."""
-    if cfg.parallel.zero_stage >= 2 and ctx.pp_size > 1:
-        raise ValueError(
-            f"parallel.zero_stage={cfg.parallel.zero_stage} cannot run under a pipeline schedule "
-            f"(pipeline={ctx.pp_size}): DeepSpeed ZeRO-2/3 reduce gradients inside each micro-batch; "
-            "use parallel.zero_stage=1 or parallel.pipeline=1"
-        )
-    if cfg.parallel.zero_stage == 0 and ctx.pp_size > 1 and cfg.optimizer.clip_grad > 0:
-        raise ValueError(
-            f"parallel.zero_stage=0 with pipeline={ctx.pp_size}: DeepSpeed's ZeRO-0 gradient norm is wrong "
-            "under a pipeline (so is clipping with optimizer.clip_grad); use parallel.zero_stage=1"
-        )
+    # the config refused these already; the layout the engine really gets is checked by the same code
+    if message := zero_pipeline_refusal(cfg.parallel.zero_stage, ctx.pp_size, cfg.optimizer.clip_grad):
+        raise ConfigError(message)
     # DeepSpeed would JIT-compile its shared-memory comm op (minutes); gloo does not need it.
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     import deepspeed
@@ -202,6 +179,6 @@ def gather_full(
     return {k: v for stage in stages for k, v in stage.items()}
 
 
-def full_parameters(chunks: list[RetNet], ctx: ParallelContext) -> dict[str, torch.Tensor]:
+def full_parameters(chunks: list[nn.Module], ctx: ParallelContext) -> dict[str, torch.Tensor]:
     """Every parameter of the full model (TP shards concatenated, PP stages merged), on every rank."""
     return gather_full(chunks, ctx, lambda p: p)

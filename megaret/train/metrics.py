@@ -5,19 +5,11 @@ tflops (achieved model TFLOP/s of the whole job), memory_mib (this rank's peak: 
 on a GPU, max RSS on the CPU), skipped_steps, and mfu when a peak is known. Evaluation
 (every train.eval_interval steps): eval/loss, eval/ppl.
 
-How FLOPs are counted (`model_flops_per_token`): training costs 3x the forward (forward +
-backward, which is twice the forward), and the forward of one token costs
-  2 * N_matmul                  every weight matrix once (embedding lookup excluded, output
-                                layer included, tied or not)
-+ num_layers * mixer            the token-mixing term that has no weights:
-    RetNet:      2 * C * d * (1 + v)  (q.k over C keys, then times V, C = chunk_size in chunk
-                 mode, seq_length in parallel mode, 0 in recurrent mode; the full C x C block
-                 is computed, so no causal halving)  +  4 * v * d^2 / H  (q.S and the k^T v
-                 state update of the chunk/recurrent forms)
-    Transformer: 4 * T_attn * d with T_attn = seq_length (causal, full matrix counted) or
-                 2 * block_size (sliding / BRT: previous + current block)
-Recomputation is not counted (model FLOPs, not hardware FLOPs). MFU = achieved FLOP/s of the
-job / (logging.peak_tflops * world size); without logging.peak_tflops the device's bf16 dense
+How FLOPs are counted (`model_flops_per_token`): the arch spec's one counting rule
+(megaret/models/spec.py: weight matmuls exactly, the mixer by a documented formula per layer
+kind), times 3 for training (forward + backward, which is twice the forward). Recomputation is
+not counted (model FLOPs, not hardware FLOPs). MFU = achieved FLOP/s of the job /
+(logging.peak_tflops * world size); without logging.peak_tflops the device's bf16 dense
 peak is looked up by name (H100/H200 989, A100 312 TFLOP/s) and MFU is skipped on the CPU.
 """
 
@@ -31,6 +23,7 @@ from pathlib import Path
 import torch
 
 from megaret.config import Config, ModelConfig
+from megaret.models.spec import arch_spec
 from megaret.train.step import StepResult
 
 SCALARS = ("loss", "ppl", "lr", "grad_norm", "tokens_per_s", "tflops", "memory_mib", "skipped_steps")
@@ -41,20 +34,8 @@ DEVICE_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0
 
 
 def model_flops_per_token(cfg: ModelConfig, seq_length: int) -> float:
-    """Training FLOPs (forward + backward) per token of the model `cfg`; see the module doc."""
-    d, f, v, n_layers = cfg.hidden_size, cfg.ffn_hidden_size, cfg.value_factor, cfg.num_layers
-    ffn = (3 if cfg.ffn_type == "swiglu" else 2) * d * f
-    if cfg.arch == "retnet":
-        layer = (2 + 3 * v) * d * d + ffn
-        context = {"chunk": min(cfg.chunk_size, seq_length), "parallel": seq_length,
-                   "recurrent": 0}[cfg.retention_mode]
-        mixer = 2 * context * d * (1 + v) + 4 * v * d * d / cfg.num_heads
-    else:
-        layer = 4 * d * d + ffn
-        span = seq_length if cfg.arch == "transformer" else min(2 * cfg.block_size, seq_length)
-        mixer = 4 * span * d
-    forward = 2 * (n_layers * layer + cfg.vocab_size * d) + n_layers * mixer
-    return 3.0 * forward
+    """Training FLOPs (forward + backward) per token of the model `cfg` (its spec's rule)."""
+    return arch_spec(cfg.arch).flops_per_token(cfg, seq_length).training
 
 
 def peak_tflops(cfg: Config) -> float | None:

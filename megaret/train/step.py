@@ -17,10 +17,10 @@ model chunk, the recurrent state of that chunk's layers after its last micro-bat
 and feeds it to the chunk's next one (consecutive micro-batches and steps are consecutive
 segments of the same slots). Under a pipeline each stage keeps the state of the layers it
 owns: a stage runs its micro-batches in order whatever the schedule, and no gradient crosses
-the carry, so the 1F1B and interleaved orders need nothing more; slots whose
-`reset` flag is set start from a zero state (RetNet) or, for the windowed archs (BRT, sliding),
-get `reset` passed to the model, which drops their cached block and restores BRT's learned
-initial state. The causal Transformer's cache grows without bound: the engine refuses it.
+the carry, so the 1F1B and interleaved orders need nothing more. Slots whose `reset` flag is
+set start afresh through the state protocol (`state.reset`: a zero retention state, an emptied
+cache, BRT's learned initial state). The causal Transformer's cache grows without bound: its
+spec refuses stateful training.
 """
 
 from __future__ import annotations
@@ -28,16 +28,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from torch import nn
 
-from megaret.models.attention_layer import KVCache
-from megaret.models.retnet import RetNet, RetNetState
-from megaret.models.transformer import Transformer, TransformerState
+from megaret.models.state import StackState, legacy_fields
 from megaret.parallel.context import ParallelContext
 from megaret.train.batches import Batch
 
@@ -53,50 +51,47 @@ class StepResult:
 
 class StateCarry:
     """Per model chunk (pipeline stage or virtual stage), the recurrent state its last micro-batch
-    left for the next one (no gradient flows through it)."""
+    left for the next one (no gradient flows through it). Uses only the state protocol."""
 
-    def __init__(self) -> None:
-        self.state: dict[int, Any] = {}  # chunk index -> RetNetState / TransformerState
+    def __init__(self, state_type: type[StackState]) -> None:
+        self.state_type = state_type  # what load_state_dict rebuilds (the arch spec's state class)
+        self.state: dict[int, StackState] = {}  # chunk index -> its layers' state
 
-    def take(self, chunk: int, reset: torch.Tensor | None, batch_size: int):
+    def take(self, chunk: int, reset: torch.Tensor | None, batch_size: int) -> StackState | None:
         """The state chunk `chunk` starts this micro-batch from; slots with `reset` (B,) start fresh."""
         state = self.state.get(chunk)
         if state is None:
             return None
-        if isinstance(state, TransformerState):  # BRT / sliding: the model applies `reset` itself
-            carried = _batch_of(state)
-            if carried != batch_size:
-                raise ValueError(f"carried state has batch {carried}, micro-batch has {batch_size}")
-            return None if reset is not None and bool(reset.all()) else state
-        if not isinstance(state, RetNetState):
-            raise TypeError(f"carrying {type(state).__name__} across steps is not supported")
-        if state.layers[0].shape[0] != batch_size:
-            raise ValueError(f"carried state has batch {state.layers[0].shape[0]}, "
-                             f"micro-batch has {batch_size}")
+        if state.batch_size != batch_size:
+            raise ValueError(f"carried state has batch {state.batch_size}, micro-batch has {batch_size}")
         if reset is None or not bool(reset.any()):
             return state
         if bool(reset.all()):
             return None  # every slot restarts: a fresh sequence, positions from 0
-        keep = (~reset.bool()).to(state.layers[0].dtype).view(-1, 1, 1, 1)
-        # Rotary angles are relative inside q.k and q.S, so a restarted slot may keep the shared offset.
-        return RetNetState([s * keep.to(s.device) for s in state.layers], state.position)
+        return state.reset(reset)
 
-    def put(self, chunk: int, state) -> None:
+    def put(self, chunk: int, state: StackState | None) -> None:
         self.state[chunk] = None if state is None else state.detach()
 
     def clear(self) -> None:
         self.state = {}
 
+    # -- checkpointing -----------------------------------------------------------------------
 
-def chunk_index(model) -> int:
+    def state_dict(self) -> dict[int, dict | None]:
+        """Tensors and plain containers (loadable with torch.load(weights_only=True))."""
+        return {chunk: None if s is None else s.state_dict() for chunk, s in self.state.items()}
+
+    def load_state_dict(self, saved: dict | None, device: torch.device | str | None = None) -> None:
+        """The form `state_dict` writes, or that of format-1 checkpoints (packed dataclasses)."""
+        saved = legacy_fields(saved or {})
+        self.state = {int(chunk): None if s is None else self.state_type.from_state_dict(s, device)
+                      for chunk, s in saved.items()}
+
+
+def chunk_index(model: nn.Module) -> int:
     """Which of this rank's model chunks `model` is (its virtual stage; 0 without interleaving)."""
     return getattr(model, "vp_stage", None) or 0
-
-
-def _batch_of(state: TransformerState) -> int:
-    """The batch size of a Transformer/BRT state (KVCache or BRTLayerState per layer)."""
-    layer = next(s for s in state.layers if s is not None)
-    return (layer.k if isinstance(layer, KVCache) else layer.state).shape[0]
 
 
 def _loss_func(mask: torch.Tensor, scale: float, per_token: torch.Tensor):
@@ -108,22 +103,17 @@ def _loss_func(mask: torch.Tensor, scale: float, per_token: torch.Tensor):
                   "count": mask.sum().detach()}
 
 
-def _model_kwargs(model, batch: Batch, carry: StateCarry | None = None) -> dict:
+def _model_kwargs(model: nn.Module, batch: Batch) -> dict:
     """Extra forward arguments: the document starts inside each sample when the trainer resets
-    there (data.reset_at_doc_boundaries; the engine tags the chunks); with a carried state,
-    the windowed archs' `reset` (B,) (drop the cached block, restore BRT's learned initial
-    state at a slot's document start)."""
-    kwargs = {}
-    if carry is not None and isinstance(model, Transformer) and batch.reset is not None:
-        kwargs["reset"] = batch.reset.bool()
+    there (data.reset_at_doc_boundaries; the engine tags the chunks)."""
     if getattr(model, "doc_resets", False) and batch.doc_start is not None:
-        kwargs["doc_start"] = batch.doc_start.bool()
-    return kwargs
+        return {"doc_start": batch.doc_start.bool()}
+    return {}
 
 
 def _forward_step(scale: float, carry: StateCarry | None, data_iterator, model):
     batch: Batch = next(data_iterator)
-    kwargs = _model_kwargs(model, batch, carry)
+    kwargs = _model_kwargs(model, batch)
     if carry is not None:
         key = chunk_index(model)
         state = carry.take(key, batch.reset, batch.tokens.shape[0])
@@ -135,7 +125,7 @@ def _forward_step(scale: float, carry: StateCarry | None, data_iterator, model):
         carry.put(key, new_state)
     else:
         out = model(batch.tokens, batch.labels, **kwargs)
-    if not isinstance(out, torch.Tensor):  # RetNetOutput / TransformerOutput: the last stage
+    if not isinstance(out, torch.Tensor):  # the model's output type: the last stage
         return out.loss, partial(_loss_func, batch.loss_mask, scale)  # (B, T) per-token loss
     return out, partial(_loss_func, batch.loss_mask, scale)  # hidden states for the next stage
 
@@ -154,7 +144,7 @@ def _dp_sum(value: float, ctx: ParallelContext) -> float:
     return t.item()
 
 
-def allreduce_sequence_parallel_grads(chunks: list[RetNet], ctx: ParallelContext) -> None:
+def allreduce_sequence_parallel_grads(chunks: list[nn.Module], ctx: ParallelContext) -> None:
     """Sum over TP the gradients of parameters tagged `sequence_parallel` (norms seeing one
     sequence shard each), as megatron's finalize_model_grads does."""
     if ctx.tp.size == 1:
@@ -171,7 +161,7 @@ def allreduce_sequence_parallel_grads(chunks: list[RetNet], ctx: ParallelContext
         offset += g.numel()
 
 
-def train_step(engine, chunks: list[RetNet], ctx: ParallelContext, batch: Batch, micro_batch_size: int,
+def train_step(engine, chunks: list[nn.Module], ctx: ParallelContext, batch: Batch, micro_batch_size: int,
                lr: float, zero_stage: int, carry: StateCarry | None = None) -> StepResult:
     """batch: (B, T) tensors, this DP rank's share of the global batch."""
     for group in engine.optimizer.param_groups:
@@ -185,7 +175,7 @@ def train_step(engine, chunks: list[RetNet], ctx: ParallelContext, batch: Batch,
         total = 0.0
         for mb in micro:
             state = carry.take(0, mb.reset, mb.tokens.shape[0]) if carry is not None else None
-            out = engine(mb.tokens, mb.labels, state=state, **_model_kwargs(chunks[0], mb, carry))
+            out = engine(mb.tokens, mb.labels, state=state, **_model_kwargs(chunks[0], mb))
             if carry is not None:
                 carry.put(0, out.state)
             loss, _ = _loss_func(mb.loss_mask, scale, out.loss)
@@ -219,7 +209,7 @@ def train_step(engine, chunks: list[RetNet], ctx: ParallelContext, batch: Batch,
     return StepResult(loss=loss, grad_norm=norm, lr=lr, skipped=not applied, tokens=int(n_tokens))
 
 
-def eval_step(chunks: list[RetNet], ctx: ParallelContext, batches: list[Batch], micro_batch_size: int,
+def eval_step(chunks: list[nn.Module], ctx: ParallelContext, batches: list[Batch], micro_batch_size: int,
               carry: StateCarry | None = None) -> float:
     """Mean masked per-token loss over `batches` (this DP rank's shares; averaged over DP by
     token count): forward only, through the same megatron schedule, dropout off, no grad."""

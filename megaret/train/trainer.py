@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from megaret.config import Config, save_config
+from megaret.models.spec import arch_spec
 from megaret.parallel.context import build_parallel_context
 from megaret.train.batches import Batch, BatchSource, LoaderBatches, SyntheticBatches
 from megaret.train.checkpoint import Checkpointer
@@ -38,12 +39,15 @@ class Trainer:
             save_config(cfg, cfg.run.dir)
         self.metrics = self._build_metrics()
         # stateful segments: each layer's recurrent state flows on to the slot's next segment
-        self.carry = StateCarry() if cfg.data.packing == "segments" else None
+        self.carry = StateCarry(self._state_class()) if cfg.data.packing == "segments" else None
         self.step = 0
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self.checkpointer = Checkpointer(self)  # run.dir/checkpoints; resume loads the newest valid one
         self.resumed_from = self.checkpointer.resume() if cfg.checkpoint.resume else None
+
+    def _state_class(self) -> type:
+        return arch_spec(self.cfg.model.arch).state_class
 
     def _batch_source(self) -> BatchSource:
         cfg, ctx = self.cfg, self.ctx
@@ -110,7 +114,7 @@ class Trainer:
 
     def evaluate(self) -> float:
         """Mean loss over train.eval_steps held-out batches, logged as eval/loss and eval/ppl."""
-        carry = StateCarry() if self.carry is not None else None
+        carry = StateCarry(self._state_class()) if self.carry is not None else None
         loss = eval_step(self.chunks, self.ctx, self._eval_batches(), self.cfg.train.micro_batch_size, carry)
         self.metrics.log_eval(self.step, loss)
         return loss

@@ -9,7 +9,7 @@ import json
 import torch
 import torch.distributed as dist
 
-from megaret.models.factory import build_model
+from megaret.models.spec import build_model
 from megaret.parallel.megatron_config import megatron_config
 from megaret.train.batches import SyntheticBatches
 from megaret.train.engine import _param_groups

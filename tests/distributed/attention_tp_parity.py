@@ -18,7 +18,7 @@ import torch
 from _common import print_result, rel  # tests/distributed/_common.py (the script's own folder)
 
 from megaret.config import load_config
-from megaret.models.factory import build_model
+from megaret.models.spec import build_model
 from megaret.parallel.context import build_parallel_context, destroy_parallel_context
 from megaret.parallel.megatron_config import megatron_config
 from megaret.train.engine import gather_full
@@ -48,7 +48,7 @@ def run(tp: int, path: str, extra: list[str]):
     x = torch.randint(128, (2, 64), generator=gen)
     y = torch.randint(128, (2, 64), generator=gen)
     first = model(x[:, :32], y[:, :32])
-    second = model(x[:, 32:], y[:, 32:], state=first.state, reset=torch.tensor([False, True]))
+    second = model(x[:, 32:], y[:, 32:], state=first.state, restart=torch.tensor([False, True]))
     w = torch.rand(2, 64, generator=gen)
     (torch.cat([first.loss, second.loss], dim=1) * w).sum().backward()
     logits = torch.cat([model.gather_logits(o.logits).detach() for o in (first, second)], dim=1)

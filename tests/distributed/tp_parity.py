@@ -46,7 +46,7 @@ def run(tp: int, mode: str, ffn: str):
     gen = torch.Generator().manual_seed(5)
     x = torch.randint(128, (2, 24), generator=gen)
     y = torch.randint(128, (2, 24), generator=gen)
-    out = model(x, y, mode=mode)
+    out = model(x, y, retention_mode=mode)
     w = torch.rand(out.loss.shape, generator=gen)
     (out.loss * w).sum().backward()
     logits = model.gather_logits(out.logits).detach()
