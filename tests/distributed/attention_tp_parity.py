@@ -76,8 +76,8 @@ def round_trip(state, spec):
 def check_spec(arch: str, tp: int) -> dict:
     """Build `arch` from its registered spec at `tp`, run two segments forward and backward, and
     resume the second from the first's state saved and loaded through the state protocol."""
-    cfg = load_config(SPEC_CONFIGS[arch], [f"parallel.tensor={tp}", "model.num_heads=4", "model.vocab_size=128",
-                                           "data.seq_length=32"])
+    overrides = [f"parallel.tensor={tp}", "model.num_heads=4", "model.vocab_size=128", "data.seq_length=32"]
+    cfg = load_config(SPEC_CONFIGS[arch], overrides)
     spec = SPECS[arch]
     ctx = build_parallel_context(tp, 1, seed=cfg.train.seed)
     torch.manual_seed(11)
