@@ -1,4 +1,4 @@
-"""Perplexity over long documents, streamed chunk by chunk with carried state.
+"""Perplexity over long documents, streamed window by window with carried state.
 
     python -m megaret.evaluate --config configs/tiny.yaml [--weights model.pt] \\
         [--data DIR_OR_MANIFEST] [--context 16384] [--chunk 2048] [--max-docs 50] [key=value ...]
@@ -9,8 +9,8 @@
 
 Documents of the split (default valid) are reassembled from the shards (--data, default the
 configured data.paths or the embedded default corpus), truncated to --context tokens and
-streamed --chunk tokens at a time; memory stays flat in the document length (except the
-causal Transformer's KV cache). Prints a loss table by position bucket, then one JSON line.
+streamed --chunk tokens (the evaluation window) at a time; memory stays flat in the document
+length (except the causal Transformer's KV cache). Prints a loss table by position bucket, then one JSON line.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import json
 import math
 
 from megaret.data import open_split, resolve_manifests
-from megaret.generate import add_model_args, load_model
-from megaret.infer.evaluate import evaluate_documents, iter_documents
+from megaret.infer.loading import USER_ERRORS, add_model_args, load_model
+from megaret.infer.perplexity import evaluate_documents, iter_documents
 from megaret.parallel.context import destroy_parallel_context
 
 
@@ -39,7 +39,16 @@ def main(argv: list[str] | None = None) -> dict:
                         help="skip documents of at most this many tokens (--context: full-length only)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    cfg, model, ctx = load_model(args, "megaret.evaluate")
+    try:
+        return _evaluate(args)
+    except USER_ERRORS as exc:
+        raise SystemExit(f"megaret.evaluate: {exc}") from None
+    finally:
+        destroy_parallel_context()
+
+
+def _evaluate(args: argparse.Namespace) -> dict:
+    cfg, model, ctx = load_model(args.config, args.weights, args.checkpoint, args.overrides)
     shards = open_split(args.data or resolve_manifests(cfg)[0], args.split, tokenizer=cfg.data.tokenizer)
     long_enough = (d for d in iter_documents(shards) if len(d) > args.min_doc_tokens)
     docs = itertools.islice(long_enough, args.max_docs)  # --max-docs counts scored documents
@@ -56,9 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"({result.documents} documents, {summary['tokens_per_s']:.0f} tokens/s, "
           f"carried state {result.state_bytes / 2**20:.2f} MiB)")
     print(json.dumps(summary))
-    destroy_parallel_context()
     return summary
-
 
 if __name__ == "__main__":
     main()

@@ -20,73 +20,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-from megaret.checkpoint.files import CheckpointError
-from megaret.config import ConfigError, load_config
-from megaret.data import Tokenizer, load_manifest, resolve_manifests
-from megaret.infer.generate import generate
-from megaret.models.spec import build_model
-from megaret.parallel.context import build_parallel_context, destroy_parallel_context
-from megaret.parallel.megatron_config import megatron_config
-
-
-def resolve_tokenizer(cfg, explicit: str | None) -> Tokenizer:
-    """--tokenizer, data.tokenizer, or the tokenizer saved beside the first shard manifest."""
-    if explicit or cfg.data.tokenizer:
-        return Tokenizer(explicit or cfg.data.tokenizer)
-    manifest, loc = load_manifest(resolve_manifests(cfg)[0])
-    return Tokenizer(Path(loc).parent / manifest["tokenizer"]["file"])
-
-
-def load_weights(model: torch.nn.Module, path: str | dict, what: str = "--weights") -> None:
-    """A consolidated state dict (TP=1 layout; a file, loaded without unpickling code, or in memory)."""
-    state = torch.load(path, map_location="cpu", weights_only=True) if isinstance(path, str | Path) else path
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing or unexpected:
-        where = f"{what} {path}" if isinstance(path, str | Path) else what
-        raise SystemExit(f"{where} does not fit model.arch={model.cfg.arch}: missing {missing[:4]}, "
-                         f"unexpected {unexpected[:4]}")
-
-
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """--config / --weights / --checkpoint and the trailing key=value overrides."""
-    parser.add_argument("--config", help="a YAML under configs/ (optional with --checkpoint)")
-    src = parser.add_mutually_exclusive_group()
-    src.add_argument("--weights", help="consolidated torch.save(model.state_dict()) file")
-    src.add_argument("--checkpoint", help="a training checkpoint: step, checkpoints/ or run directory")
-
-
-def load_model(args: argparse.Namespace, prog: str):
-    """(cfg, model, ctx) from --config/--weights or --checkpoint (+ overrides), one process."""
-    from megaret.export import load_checkpoint
-
-    state = None
-    try:
-        if args.checkpoint:
-            if args.config:  # an explicit config wins over the manifest's
-                state, _, _ = load_checkpoint(args.checkpoint)
-                cfg = load_config(args.config, args.overrides)
-            else:
-                state, cfg, _ = load_checkpoint(args.checkpoint, args.overrides)
-        elif args.config:
-            cfg = load_config(args.config, args.overrides)
-        else:
-            raise SystemExit(f"{prog}: give --config (with --weights or not) or --checkpoint")
-    except (CheckpointError, ConfigError) as exc:
-        raise SystemExit(f"{prog}: {exc}") from None
-    if cfg.parallel.tensor != 1 or cfg.parallel.pipeline != 1:
-        raise SystemExit(f"{prog} runs one process: set parallel.tensor=1 parallel.pipeline=1")
-    ctx = build_parallel_context(1, 1, seed=cfg.train.seed)
-    model = build_model(cfg.model, megatron_config(cfg.model, cfg.parallel), ctx.tp).to(ctx.device)
-    if state is not None:
-        load_weights(model, state, f"--checkpoint {args.checkpoint}")
-    elif args.weights:
-        load_weights(model, args.weights)
-    return cfg, model, ctx
+from megaret.data import Tokenizer
+from megaret.infer.decoding import generate
+from megaret.infer.loading import USER_ERRORS, InferenceError, add_model_args, load_model, resolve_tokenizer
+from megaret.parallel.context import destroy_parallel_context
 
 
 class TextStream:
@@ -124,11 +64,20 @@ def main(argv: list[str] | None = None) -> list[int]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.num_layers=4")
     args = parser.parse_args(argv)
-    cfg, model, ctx = load_model(args, "megaret.generate")
+    try:
+        return _generate(args)
+    except USER_ERRORS as exc:
+        raise SystemExit(f"megaret.generate: {exc}") from None
+    finally:
+        destroy_parallel_context()
+
+
+def _generate(args: argparse.Namespace) -> list[int]:
+    cfg, model, ctx = load_model(args.config, args.weights, args.checkpoint, args.overrides)
     tok = resolve_tokenizer(cfg, args.tokenizer)
     if tok.vocab_size > cfg.model.vocab_size:
-        destroy_parallel_context()
-        raise SystemExit(f"tokenizer has {tok.vocab_size} ids but model.vocab_size={cfg.model.vocab_size}")
+        raise InferenceError(f"the tokenizer has {tok.vocab_size} ids but model.vocab_size="
+                             f"{cfg.model.vocab_size}: use the model's tokenizer (--tokenizer)")
     ids = tok.encode(args.prompt) or [tok.bos_id]
     sys.stdout.write(tok.decode(ids))
     stream = TextStream(tok)
@@ -144,9 +93,7 @@ def main(argv: list[str] | None = None) -> list[int]:
     sys.stdout.write("\n")
     rate = n / max(dt, 1e-9)
     print(f"[{n} tokens in {dt:.2f}s, {rate:.1f} tokens/s, arch={cfg.model.arch}]", file=sys.stderr)
-    destroy_parallel_context()
     return out[0].tolist()
-
 
 if __name__ == "__main__":
     main()

@@ -15,7 +15,7 @@ import torch
 
 from megaret.config import load_config
 from megaret.data import open_split
-from megaret.infer.evaluate import (
+from megaret.infer.perplexity import (
     EvalResult,
     bucket_edges,
     evaluate_documents,

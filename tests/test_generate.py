@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from megaret.config import load_config
-from megaret.infer.generate import generate, make_decoder, sample_next
+from megaret.infer.decoding import generate, make_decoder, sample_next
 from megaret.models.spec import build_model
 from megaret.parallel.megatron_config import megatron_config
 from tests.conftest import REPO

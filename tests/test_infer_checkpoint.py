@@ -14,8 +14,8 @@ import torch
 
 from megaret.config import load_config
 from megaret.export import export, load_checkpoint
-from megaret.generate import load_weights
-from megaret.infer.generate import generate
+from megaret.infer.decoding import generate
+from megaret.infer.loading import load_weights
 from megaret.models.spec import build_model
 from megaret.parallel.megatron_config import megatron_config
 from tests.conftest import REPO

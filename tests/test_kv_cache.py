@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from megaret.config import load_config
-from megaret.infer.generate import generate, make_decoder
+from megaret.infer.decoding import generate, make_decoder
 from megaret.models import attention_layer
 from megaret.models.attention_layer import KVBuffer, KVCache, grown_capacity
 from megaret.models.spec import build_model

@@ -1,2 +1,3 @@
-"""Inference: token generation with carried state (generate) and streamed long-context
-evaluation (evaluate)."""
+"""Inference library: loading a model (loading), decoding with carried state (decoding) and
+streamed long-context perplexity (perplexity). The entry points are megaret/generate.py and
+megaret/evaluate.py."""

@@ -1,0 +1,84 @@
+"""Loading a model for inference: a config with consolidated weights, or a training checkpoint.
+
+Used by the `megaret.generate` and `megaret.evaluate` entry points (which add the flags with
+`add_model_args` and turn the typed errors raised here into one line and an exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megaret.checkpoint.files import CheckpointError
+from megaret.config import Config, ConfigError, load_config
+from megaret.data import DataError, Tokenizer, load_manifest, resolve_manifests
+from megaret.models.spec import build_model
+from megaret.parallel.context import ParallelContext, build_parallel_context
+from megaret.parallel.megatron_config import megatron_config
+
+
+class InferenceError(ValueError):
+    """The model cannot be loaded or run as asked (one-line message naming the fix)."""
+
+
+#: the errors the inference entry points report in one line (the library raises them)
+USER_ERRORS = (CheckpointError, ConfigError, DataError, InferenceError)
+
+
+def resolve_tokenizer(cfg: Config, explicit: str | None) -> Tokenizer:
+    """--tokenizer, data.tokenizer, or the tokenizer saved beside the first shard manifest."""
+    if explicit or cfg.data.tokenizer:
+        return Tokenizer(explicit or cfg.data.tokenizer)
+    manifest, loc = load_manifest(resolve_manifests(cfg)[0])
+    return Tokenizer(Path(loc).parent / manifest["tokenizer"]["file"])
+
+
+def load_weights(model: torch.nn.Module, path: str | Path | dict, what: str = "--weights") -> None:
+    """A consolidated state dict (TP=1 layout; a file, loaded without unpickling code, or in memory)."""
+    state = torch.load(path, map_location="cpu", weights_only=True) if isinstance(path, str | Path) else path
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        where = f"{what} {path}" if isinstance(path, str | Path) else what
+        raise InferenceError(f"{where} does not fit model.arch={model.cfg.arch}: missing {missing[:4]}, "
+                             f"unexpected {unexpected[:4]}")
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """--config / --weights / --checkpoint and the trailing key=value overrides."""
+    parser.add_argument("--config", help="a YAML under configs/ (optional with --checkpoint)")
+    src = parser.add_mutually_exclusive_group()
+    src.add_argument("--weights", help="consolidated torch.save(model.state_dict()) file")
+    src.add_argument("--checkpoint", help="a training checkpoint: step, checkpoints/ or run directory")
+
+
+def load_model(config: str | None = None, weights: str | None = None, checkpoint: str | None = None,
+               overrides: Sequence[str] = ()) -> tuple[Config, torch.nn.Module, ParallelContext]:
+    """(cfg, model, ctx) from a config (+ consolidated weights) or a checkpoint (+ overrides), in one
+    process. Raises ConfigError, CheckpointError or InferenceError."""
+    from megaret.export import load_checkpoint
+
+    state: Any = None
+    if checkpoint:
+        if config:  # an explicit config wins over the manifest's
+            state, _, _ = load_checkpoint(checkpoint)
+            cfg = load_config(config, overrides)
+        else:
+            state, cfg, _ = load_checkpoint(checkpoint, overrides)
+    elif config:
+        cfg = load_config(config, overrides)
+    else:
+        raise InferenceError("give --config (with --weights or not) or --checkpoint")
+    if cfg.parallel.tensor != 1 or cfg.parallel.pipeline != 1:
+        raise InferenceError("inference runs one process: set parallel.tensor=1 parallel.pipeline=1")
+    ctx = build_parallel_context(1, 1, seed=cfg.train.seed)
+    model = build_model(cfg.model, megatron_config(cfg.model, cfg.parallel), ctx.tp).to(ctx.device)
+    if state is not None:
+        load_weights(model, state, f"--checkpoint {checkpoint}")
+    elif weights:
+        load_weights(model, weights)
+    return cfg, model, ctx
