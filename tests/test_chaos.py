@@ -1,10 +1,10 @@
 """Chaos and hangs on CPU (torchrun, 2 ranks, no SLURM).
 
 - kill -9 of every training process (the torchrun agent and both ranks) at 3 seeded random moments,
-  then a fault injected between writing a checkpoint's files and its rename
-  (MEGARET_FAULT_INJECT=before_rename), restarting after each: the final weights equal an
+  then a fault injected between writing a checkpoint's files and its rename (the fault plan's
+  exit_before_publish, megaret/faults.py), restarting after each: the final weights equal an
   uninterrupted run's, bit for bit.
-- a rank that stalls before a step (MEGARET_STALL) makes the job exit non-zero once
+- a rank that stalls before a step (the fault plan's stall) makes the job exit non-zero once
   train.collective_timeout_s has passed, instead of hanging.
 """
 
@@ -24,8 +24,9 @@ import psutil
 import pytest
 import torch
 
-from megaret.checkpoint.files import FAULT_EXIT, list_checkpoints
+from megaret.checkpoint.files import list_checkpoints
 from megaret.export import consolidate
+from megaret.faults import FAULT_EXIT, plan_env
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.multiproc
@@ -35,7 +36,7 @@ COMMON = [
     "data.source=synthetic", f"train.steps={STEPS}", "train.log_interval=1", "train.eval_steps=0",
     "logging.tensorboard=false", "checkpoint.interval=3", "checkpoint.keep_last=2",
 ]
-STEP_SLEEP_S = "0.25"  # MEGARET_STEP_SLEEP_S: a full run takes > 10 s, so kills land mid-run
+STEP_SLEEP_S = 0.25  # fault plan sleep_each_step_s: a full run takes > 10 s, so kills land mid-run
 SEED = 20261122
 
 
@@ -45,15 +46,16 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def launch(run_dir: Path, log: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """torchrun, 2 CPU ranks, `python -m megaret.train` on the tiny config; output appended to `log`."""
+def launch(run_dir: Path, log: Path, *extra: str, faults: dict | None = None) -> subprocess.Popen:
+    """torchrun, 2 CPU ranks, `python -m megaret.train` on the tiny config; output appended to `log`.
+    `faults`: the fault plan (megaret/faults.py), on top of sleeping STEP_SLEEP_S before each step."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
         "--master_port", str(_port()), "-m", "megaret.train", "--config", "configs/tiny.yaml", *COMMON,
         *extra, f"run.dir={run_dir}",
     ]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1",
-                "MEGARET_STEP_SLEEP_S": STEP_SLEEP_S, **(env or {})}
+                **plan_env(**{"sleep_each_step_s": STEP_SLEEP_S, **(faults or {})})}
     with open(log, "a") as out:
         out.write(f"\n===== launch {' '.join(cmd[-3:])} =====\n")
         out.flush()
@@ -122,7 +124,7 @@ def test_kill9_and_fault_injection_resume_to_the_uninterrupted_weights(tmp_path)
 
     # a fault between the files and the rename: nothing half-written is ever published
     start = log.stat().st_size
-    proc = launch(run, log, env={"MEGARET_FAULT_INJECT": "before_rename"})
+    proc = launch(run, log, faults={"exit_before_publish": True})
     rc = proc.wait(timeout=900)
     assert rc != 0, log.read_text()[-3000:]
     assert re.search(rf"exitcode\s*:\s*{FAULT_EXIT}\b", log.read_text()[start:]), log.read_text()[-3000:]
@@ -153,7 +155,7 @@ def test_a_stalled_rank_makes_the_job_fail_within_the_collective_timeout(tmp_pat
     timeout_s = 20
     log = tmp_path / "hang.log"
     proc = launch(tmp_path / "run", log, "train.steps=6", f"train.collective_timeout_s={timeout_s}",
-                  env={"MEGARET_STALL": "1:3:900", "MEGARET_STEP_SLEEP_S": "0"})
+                  faults={"stall": {"rank": 1, "step": 3, "seconds": 900}, "sleep_each_step_s": 0})
     assert wait_for(r"stalling 900", log, proc, 0), log.read_text()[-4000:]
     t_stall = time.time()
     try:

@@ -150,7 +150,7 @@ def test_damaged_shard(tmp_path, packed, damage) -> None:
 def test_verified_shards_are_stamped_and_not_hashed_again(tmp_path, packed, monkeypatch) -> None:
     """A second open trusts the stamps (no hashing); a shard rewritten after its stamp (same
     size, new content) is hashed again and caught."""
-    import megaret.data.shards as shards
+    import megaret.data.shards.verify as shards  # where open_split looks sha256_file up
 
     m, stamps = _copy(packed, tmp_path), tmp_path / "stamps"
     hashed = []

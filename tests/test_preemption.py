@@ -26,6 +26,7 @@ import torch
 
 from megaret.checkpoint.files import list_checkpoints
 from megaret.export import consolidate
+from megaret.faults import plan_env
 from tests.conftest import REPO
 
 STEPS = 60
@@ -34,7 +35,7 @@ OVERRIDES = [
     "train.eval_steps=0", "logging.tensorboard=false", "checkpoint.interval=3", "checkpoint.keep_last=100",
 ]
 LAUNCH = ["launch.tasks_per_node=2", "launch.cpus_per_task=1", "launch.time_min=20"]
-STEP_SLEEP_S = "0.5"  # MEGARET_STEP_SLEEP_S: the job is still training at each interruption
+STEP_SLEEP_S = 0.5  # fault plan sleep_each_step_s: the job is still training at each interruption
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
 
 
@@ -67,7 +68,7 @@ def preempted_job(local_slurm, tmp_path_factory):
         [sys.executable, str(REPO / "launcher" / "submit.py"), "--config", "configs/tiny.yaml", *OVERRIDES,
          *LAUNCH, f"run.dir={run_dir}"],
         capture_output=True, text=True, timeout=300, cwd=REPO,
-        env=dict(ENV, MEGARET_STEP_SLEEP_S=STEP_SLEEP_S))
+        env=dict(ENV, **plan_env(sleep_each_step_s=STEP_SLEEP_S)))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     job_id = re.search(r"submitted job (\d+) \(slurm\)", proc.stdout).group(1)
     logs = run_dir / "submitit"

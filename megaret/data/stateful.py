@@ -16,9 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from megaret.data.errors import DataError
+from megaret.data.rank_share import RankOrder, RankShare
 
 
 @dataclass(frozen=True)
@@ -34,26 +33,16 @@ class SegmentRef:
 class StatefulSchedule:
     """Per-step list of :class:`SegmentRef`, one per slot, for one data-parallel rank."""
 
-    def __init__(
-        self,
-        doc_table: list[tuple[int, int]],
-        *,
-        batch_size: int,
-        dp_rank: int,
-        dp_size: int,
-        seed: int,
-        shuffle: bool = True,
-    ) -> None:
+    def __init__(self, doc_table: list[tuple[int, int]], batch_size: int, order: RankOrder) -> None:
         self.table = doc_table
-        self.per_rank = len(doc_table) // dp_size
+        self.share = RankShare(len(doc_table), order)
+        self.per_rank = self.share.per_rank
         if self.per_rank == 0:
             raise DataError(
-                f"{len(doc_table)} documents cannot give each of {dp_size} data-parallel ranks one; "
+                f"{len(doc_table)} documents cannot give each of {order.dp_size} data-parallel ranks one; "
                 "add documents or use fewer ranks"
             )
-        self.batch_size, self.dp_rank, self.dp_size, self.seed, self.shuffle = (
-            batch_size, dp_rank, dp_size, seed, shuffle)  # fmt: skip
-        self._perm_epoch, self._perm = -1, np.zeros(0, dtype=np.int64)
+        self.batch_size = batch_size
         self.reset_state()
 
     def reset_state(self) -> None:
@@ -61,24 +50,14 @@ class StatefulSchedule:
         self.taken = 0  # documents this rank has started
         self.slots: list[list[int]] = [[-1, 0, 0] for _ in range(self.batch_size)]  # [doc, next seg, n seg]
 
-    def _rank_doc(self, k: int) -> int:
-        epoch, j = divmod(k, self.per_rank)
-        if epoch != self._perm_epoch:
-            n = len(self.table)
-            self._perm = (
-                np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-            )
-            self._perm_epoch = epoch
-        return int(self._perm[j * self.dp_size + self.dp_rank])
-
     def epoch(self) -> int:
-        return max(self.taken - 1, 0) // self.per_rank
+        return self.share.epoch(max(self.taken - 1, 0))
 
     def next_batch(self) -> list[SegmentRef]:
         refs = []
         for slot in self.slots:
             if slot[1] >= slot[2]:
-                doc = self._rank_doc(self.taken)
+                doc = self.share.item(self.taken)
                 self.taken += 1
                 slot[:] = [doc, 0, self.table[doc][1]]
             doc, seg = slot[0], slot[1]

@@ -17,7 +17,7 @@ import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from megaret.data.errors import DataError
+from megaret.data.errors import DataError, existing_file
 
 BOS = "<bos>"
 EOS = "<eos>"
@@ -83,14 +83,8 @@ class Tokenizer:
     def __init__(self, path: str | Path) -> None:
         import tiktoken
 
-        p = Path(path)
-        if p.is_dir():
-            p = p / TOKENIZER_FILE
-        if not p.is_file():
-            raise DataError(
-                f"tokenizer file {p} does not exist; train one with data_tools/build_shards.py "
-                "or point data.tokenizer at a tokenizer.json"
-            )
+        p = existing_file(path, TOKENIZER_FILE, "tokenizer file", "train one with data_tools/build_shards.py "
+                          "or point data.tokenizer at a tokenizer.json")
         raw = p.read_bytes()
         self.path = p
         self.sha256 = hashlib.sha256(raw).hexdigest()

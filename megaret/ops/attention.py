@@ -45,16 +45,9 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
 
 
 def cached_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    position: int,
-    window: int | None,
-    cache_k: torch.Tensor | None = None,
-    cache_v: torch.Tensor | None = None,
-    cache_valid: torch.Tensor | None = None,
-    scale: float | None = None,
-    doc: torch.Tensor | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position: int, window: int | None,
+    cache_k: torch.Tensor | None = None, cache_v: torch.Tensor | None = None,
+    cache_valid: torch.Tensor | None = None, scale: float | None = None, doc: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """General causal (optionally windowed) attention of new tokens over [cache; new].
 
@@ -123,15 +116,9 @@ def same_document(doc: torch.Tensor, num_keys: int) -> torch.Tensor:
 
 
 def blockwise_window_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    window: int,
-    prev_k: torch.Tensor | None = None,
-    prev_v: torch.Tensor | None = None,
-    prev_valid: torch.Tensor | None = None,
-    scale: float | None = None,
-    doc: torch.Tensor | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
+    prev_k: torch.Tensor | None = None, prev_v: torch.Tensor | None = None,
+    prev_valid: torch.Tensor | None = None, scale: float | None = None, doc: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block-windowed causal attention for a block-aligned segment, every block in one SDPA call.
 

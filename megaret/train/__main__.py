@@ -1,4 +1,5 @@
-"""Train a RetNet: python -m megaret.train --config configs/tiny.yaml [section.key=value ...]
+"""Train a model (model.arch: retnet, transformer, sliding or brt):
+python -m megaret.train --config configs/tiny.yaml [section.key=value ...]
 
 Under torchrun every rank runs this; the layout comes from parallel.* and the world size.
 Writes run.dir/config.yaml (the resolved config) and run.dir/tensorboard/.

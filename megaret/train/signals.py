@@ -1,4 +1,4 @@
-"""Stopping a run cleanly on SLURM's warning signals, and test-only fault points.
+"""Stopping a run cleanly on SLURM's warning signals.
 
 SLURM warns a job before its time limit or a preemption with a signal (`--signal=USR2@90`,
 `scancel --signal=USR2`); `scontrol requeue` and preemption with PreemptMode=REQUEUE send
@@ -15,10 +15,7 @@ stop after the same step, save a checkpoint and leave for a requeue:
 
 A SIGTERM whose KillWait runs out before the save is published loses nothing: the half-written
 directory is never published, and the requeued job resumes from the last periodic checkpoint.
-
-Test-only environment variables (never set them in production):
-- MEGARET_STEP_SLEEP_S=SECONDS: sleep before every step (to signal a tiny run mid-way);
-- MEGARET_STALL=RANK:STEP:SECONDS: rank RANK sleeps before step STEP (a stalled collective).
+Tests slow or stall steps through :mod:`megaret.faults` (point ``before_step``).
 """
 
 from __future__ import annotations
@@ -114,15 +111,3 @@ def requeue_slurm_job(job_id: str) -> None:
     except (OSError, subprocess.SubprocessError) as exc:
         log.warning("could not requeue SLURM job %s: %s", job_id, exc)
 
-
-def before_step(rank: int, step: int) -> None:
-    """Test-only delays (module docstring); does nothing unless the variables are set."""
-    pause = os.environ.get("MEGARET_STEP_SLEEP_S")
-    if pause:
-        time.sleep(float(pause))
-    stall = os.environ.get("MEGARET_STALL")
-    if stall:
-        r, s, seconds = stall.split(":")
-        if int(r) == rank and int(s) == step:
-            print(f"rank {rank}: stalling {seconds}s before step {step} (MEGARET_STALL)", flush=True)
-            time.sleep(float(seconds))

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megaret import faults
 from megaret.config import Config, save_config
 from megaret.models.spec import arch_spec
 from megaret.parallel.context import build_parallel_context
@@ -17,7 +18,7 @@ from megaret.train.checkpoint import Checkpointer
 from megaret.train.engine import build_engine, build_stage_modules, full_parameters
 from megaret.train.metrics import Metrics, Timer, model_flops_per_token, peak_tflops
 from megaret.train.schedule import learning_rate
-from megaret.train.signals import StopSignals, before_step
+from megaret.train.signals import StopSignals
 from megaret.train.step import StateCarry, StepResult, eval_step, train_step
 
 
@@ -179,7 +180,7 @@ class Trainer:
         results = []
         with StopSignals() as stop:
             while self.step < self.cfg.train.steps:
-                before_step(self.ctx.rank, self.step + 1)
+                faults.point("before_step", rank=self.ctx.rank, step=self.step + 1)
                 results.append(self.train_step())
                 signum = stop.agreed(self.ctx.device)
                 if signum is not None and self.step < self.cfg.train.steps:

@@ -1,0 +1,240 @@
+"""Writing token shards: documents -> tokenizer -> packed samples in WebDataset tars + manifest.
+
+The format is described in :mod:`megaret.data.shards.layout`; :func:`build_shards` is the one entry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from megaret.data.corpus import Document, Source, split_keys
+from megaret.data.errors import DataError
+from megaret.data.shards.layout import FORMAT, MANIFEST, MODES, SPLITS, VERSION, sha256_file
+from megaret.data.tokenizer import TOKENIZER_FILE, Tokenizer
+
+
+class _SplitWriter:
+    """Packs one split's documents into samples and writes them with webdataset.ShardWriter."""
+
+    def __init__(
+        self,
+        out: Path,
+        split: str,
+        mode: str,
+        seq_length: int,
+        dtype: str,
+        tok: Tokenizer,
+        samples_per_shard: int,
+    ) -> None:
+        import webdataset as wds
+
+        self.out, self.split, self.mode, self.L = out, split, mode, seq_length
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+        self.tok = tok
+        self.per_shard = samples_per_shard
+        self.writer = wds.ShardWriter(
+            str(out / f"{split}-%06d.tar"),
+            maxcount=samples_per_shard,
+            maxsize=1e15,
+            verbose=0,
+            mtime=0,
+            encoder=False,
+        )
+        self.n_samples = 0
+        self.n_docs = 0
+        self.shard_tokens: list[int] = []
+        self.doc_table: list[list[int]] = []  # segments mode: [first sample, n segments] per document
+        self._buf = np.zeros(0, dtype=np.int64)  # packed mode: stream tokens not yet emitted
+        self._starts: list[int] = []  # packed mode: document starts in _buf coordinates
+
+    def _emit(self, tokens: np.ndarray, meta: dict[str, Any], n_real: int) -> None:
+        shard = self.n_samples // self.per_shard
+        if shard == len(self.shard_tokens):
+            self.shard_tokens.append(0)
+        self.shard_tokens[shard] += n_real
+        self.writer.write(
+            {
+                "__key__": f"{self.n_samples:09d}",
+                "tok": tokens.astype(self.dtype).tobytes(),
+                "json": json.dumps(meta, separators=(",", ":")).encode(),
+            }
+        )
+        self.n_samples += 1
+
+    def add(self, ids: list[int]) -> None:
+        """Add one document's ids (no specials)."""
+        L = self.L
+        self.n_docs += 1
+        if self.mode == "packed":
+            self._starts.append(len(self._buf))
+            self._buf = np.concatenate([self._buf, np.asarray(ids, dtype=np.int64), [self.tok.eos_id]])
+            while len(self._buf) >= L + 1:
+                starts = [s for s in self._starts if s <= L]
+                self._emit(self._buf[: L + 1], {"starts": starts}, L + 1)
+                self._buf = self._buf[L:]
+                self._starts = [s - L for s in self._starts if s - L >= 0]
+        else:
+            toks = np.asarray([self.tok.bos_id, *ids, self.tok.eos_id], dtype=np.int64)
+            n_seg = (len(toks) - 2) // L + 1  # segments until every token but the first is a label
+            self.doc_table.append([self.n_samples, n_seg])
+            doc = len(self.doc_table) - 1
+            for s in range(n_seg):
+                chunk = toks[s * L : s * L + L + 1]
+                n = len(chunk)
+                if n < L + 1:
+                    chunk = np.concatenate([chunk, np.full(L + 1 - n, self.tok.eos_id, dtype=np.int64)])
+                self._emit(chunk, {"doc": doc, "seg": s, "n": n}, n)
+
+    def close(self) -> dict[str, Any]:
+        """Finish the tars (the packed tail shorter than one sample is dropped); describe the split."""
+        self.writer.close()
+        names = sorted(p.name for p in self.out.glob(f"{self.split}-*.tar"))
+        n_shards = len(self.shard_tokens)
+        for extra in names[n_shards:]:  # ShardWriter opens an empty tar even for zero samples
+            (self.out / extra).unlink()
+        shards = []
+        for i in range(n_shards):
+            path = self.out / f"{self.split}-{i:06d}.tar"
+            count = min(self.per_shard, self.n_samples - i * self.per_shard)
+            shards.append(
+                {
+                    "name": path.name,
+                    "sha256": sha256_file(path),
+                    "bytes": path.stat().st_size,
+                    "samples": count,
+                    "tokens": self.shard_tokens[i],
+                }
+            )
+        info: dict[str, Any] = {
+            "documents": self.n_docs,
+            "samples": self.n_samples,
+            "tokens": sum(self.shard_tokens),
+            "shards": shards,
+        }
+        if self.mode == "segments":
+            info["doc_table"] = self.doc_table
+        return info
+
+
+def build_shards(
+    sources: list[Source],
+    out_dir: str | Path,
+    *,
+    seq_length: int,
+    tokenizer: str | Path | Tokenizer | None = None,
+    vocab_size: int = 32000,
+    mode: str = "packed",
+    valid_fraction: float = 0.01,
+    split_seed: int = 0,
+    samples_per_shard: int | None = None,
+    text_key: str = "text",
+    tokenizer_sample_bytes: int = 200_000_000,
+    log: Any = print,
+) -> Path:
+    """Tokenize ``sources`` into train/valid shards under ``out_dir``; return the manifest path.
+
+    With ``tokenizer=None`` a byte-level BPE of ``vocab_size`` is trained on (up to
+    ``tokenizer_sample_bytes`` of) the training documents first. The directory is written under a
+    temporary name and renamed at the end, so a crash never leaves a half-built manifest.
+    """
+    if mode not in MODES:
+        raise DataError(f"packing mode {mode!r} is not one of {', '.join(MODES)}")
+    if seq_length <= 0:
+        raise DataError(f"seq_length={seq_length} must be > 0")
+    out = Path(out_dir)
+    if (out / MANIFEST).exists():
+        raise DataError(f"{out / MANIFEST} already exists; choose another --output or delete it")
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+    # pass 1: document keys -> validation split (by document, stable hash)
+    keys = [d.key for s in sources for d in s.iter_documents(text_key)]
+    if not keys:
+        raise DataError(f"the inputs {[s.path for s in sources]} contain no non-empty documents")
+    if len(set(keys)) != len(keys):
+        raise DataError("two inputs yield the same document keys; give each --input a distinct --name")
+    valid = split_keys(keys, valid_fraction, split_seed)
+
+    # pass 2: tokenizer
+    if isinstance(tokenizer, Tokenizer):
+        tok = tokenizer
+        shutil.copy(tok.path, tmp / TOKENIZER_FILE)
+    elif tokenizer is not None:
+        tok = Tokenizer(tokenizer)
+        shutil.copy(tok.path, tmp / TOKENIZER_FILE)
+    else:
+        from megaret.data.tokenizer import train_tokenizer
+
+        def sample() -> Iterator[str]:
+            budget = tokenizer_sample_bytes
+            for s in sources:
+                for d in s.iter_documents(text_key):
+                    if d.key not in valid and budget > 0:
+                        budget -= len(d.text)
+                        yield d.text
+
+        log(f"training a byte-level BPE tokenizer (vocab {vocab_size}) ...")
+        trained = train_tokenizer(sample(), vocab_size, tmp)
+        tok = Tokenizer(tmp / TOKENIZER_FILE)
+        assert tok.sha256 == trained.sha256
+    if samples_per_shard is None:
+        samples_per_shard = max(1, (1 << 25) // (seq_length + 1))  # ~32 M tokens per shard
+
+    # pass 3: encode and pack
+    writers = {
+        sp: _SplitWriter(tmp, sp, mode, seq_length, tok.dtype, tok, samples_per_shard) for sp in SPLITS
+    }
+    src_info = []
+    for s in sources:
+        n_docs = {sp: 0 for sp in SPLITS}
+        n_bytes = 0
+        batch: list[Document] = []
+
+        def flush(batch: list[Document]) -> None:
+            for d, ids in zip(batch, tok.encode_batch([d.text for d in batch]), strict=True):
+                writers["valid" if d.key in valid else "train"].add(ids)
+
+        for d in s.iter_documents(text_key):
+            n_docs["valid" if d.key in valid else "train"] += 1
+            n_bytes += len(d.text.encode("utf-8", errors="replace"))
+            batch.append(d)
+            if len(batch) >= 256:
+                flush(batch)
+                batch = []
+        flush(batch)
+        src_info.append(
+            {
+                "name": s.name,
+                "path": s.path,
+                "license": s.license,
+                "bytes": n_bytes,
+                "documents": n_docs["train"] + n_docs["valid"],
+                "valid_documents": n_docs["valid"],
+            }
+        )
+    splits = {sp: w.close() for sp, w in writers.items()}
+    if splits["train"]["samples"] == 0:
+        raise DataError(
+            f"the inputs hold fewer than seq_length+1={seq_length + 1} training tokens; "
+            "add text or lower seq_length"
+        )
+    manifest = {
+        "format": FORMAT, "version": VERSION, "mode": mode, "seq_length": seq_length,
+        "sample_tokens": seq_length + 1, "dtype": tok.dtype,
+        "tokenizer": {"file": TOKENIZER_FILE, "sha256": tok.sha256, "vocab_size": tok.vocab_size,
+                      "bos_id": tok.bos_id, "eos_id": tok.eos_id},
+        "valid_fraction": valid_fraction, "split_seed": split_seed, "sources": src_info, "splits": splits,
+    }  # fmt: skip
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    if out.exists() and not any(out.iterdir()):
+        out.rmdir()
+    os.replace(tmp, out)
+    return out / MANIFEST
