@@ -21,9 +21,8 @@ import json
 import math
 
 from megaret.data import open_split, resolve_manifests
-from megaret.infer.loading import USER_ERRORS, add_model_args, load_model
+from megaret.infer.loading import add_model_args, load_model, run_entry
 from megaret.infer.perplexity import evaluate_documents, iter_documents
-from megaret.parallel.context import destroy_parallel_context
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -38,13 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--min-doc-tokens", type=int, default=2,
                         help="skip documents of at most this many tokens (--context: full-length only)")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
-    try:
-        return _evaluate(args)
-    except USER_ERRORS as exc:
-        raise SystemExit(f"megaret.evaluate: {exc}") from None
-    finally:
-        destroy_parallel_context()
+    return run_entry("megaret.evaluate", _evaluate, parser.parse_args(argv))
 
 
 def _evaluate(args: argparse.Namespace) -> dict:

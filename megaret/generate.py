@@ -25,8 +25,7 @@ import torch
 
 from megaret.data import Tokenizer
 from megaret.infer.decoding import generate
-from megaret.infer.loading import USER_ERRORS, InferenceError, add_model_args, load_model, resolve_tokenizer
-from megaret.parallel.context import destroy_parallel_context
+from megaret.infer.loading import InferenceError, add_model_args, load_model, resolve_tokenizer, run_entry
 
 
 class TextStream:
@@ -63,13 +62,7 @@ def main(argv: list[str] | None = None) -> list[int]:
     parser.add_argument("--greedy", action="store_true", help="argmax decoding (no sampling)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.num_layers=4")
-    args = parser.parse_args(argv)
-    try:
-        return _generate(args)
-    except USER_ERRORS as exc:
-        raise SystemExit(f"megaret.generate: {exc}") from None
-    finally:
-        destroy_parallel_context()
+    return run_entry("megaret.generate", _generate, parser.parse_args(argv))
 
 
 def _generate(args: argparse.Namespace) -> list[int]:

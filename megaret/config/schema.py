@@ -46,6 +46,12 @@ def choices(literal: Any) -> tuple[str, ...]:
 ARCHS: tuple[str, ...] = choices(Arch)
 
 
+def check_choice(key: str, value: str, literal: Any) -> None:
+    """Library code's guard for a choice argument: ValueError naming `key` and the choices."""
+    if value not in choices(literal):
+        raise ValueError(f"{key}: unknown {value!r}; use one of {', '.join(choices(literal))}")
+
+
 # --------------------------------------------------------------------------------------------
 # helpers
 
@@ -56,6 +62,11 @@ def _divisors(n: int) -> list[int]:
 
 def _next_multiple(value: int, base: int) -> int:
     return ((value + base - 1) // base) * base
+
+
+def _require_divisible(key: str, value: int, by_key: str, by: int, fix: str) -> None:
+    if value % by:
+        raise ConfigError(f"{key}={value} is not divisible by {by_key}={by}; {fix}")
 
 
 def _fmt(values: list[int]) -> str:
@@ -345,13 +356,13 @@ class LaunchConfig(_Section):
                        "gpu_mem_gb")
 
     @property
-    def resolved_tasks_per_node(self) -> int:
-        return self.tasks_per_node if self.tasks_per_node is not None else self.gpus_per_node
-
-    @property
     def world_size(self) -> int:
         """Processes the allocation starts (nodes * tasks per node)."""
         return self.nodes * self.resolved_tasks_per_node
+
+    @property
+    def resolved_tasks_per_node(self) -> int:
+        return self.tasks_per_node if self.tasks_per_node is not None else self.gpus_per_node
 
 
 @dataclass
@@ -406,11 +417,8 @@ class Config:
 
     def _validate_model_shape(self) -> None:
         m = self.model
-        if m.hidden_size % m.num_heads:
-            raise ConfigError(
-                f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}; "
-                f"choose model.num_heads from {_fmt(_divisors(m.hidden_size))}"
-            )
+        _require_divisible("model.hidden_size", m.hidden_size, "model.num_heads", m.num_heads,
+                           f"choose model.num_heads from {_fmt(_divisors(m.hidden_size))}")
         if m.head_dim % 2:
             raise ConfigError(
                 f"model.hidden_size/model.num_heads={m.head_dim} must be even (rotary embeddings rotate "
@@ -474,13 +482,10 @@ class Config:
 
     def _validate_batch(self) -> None:
         t = self.train
-        if t.global_batch_size % t.micro_batch_size:
-            raise ConfigError(
-                f"train.global_batch_size={t.global_batch_size} is not divisible by "
-                f"train.micro_batch_size={t.micro_batch_size}; set train.global_batch_size to a multiple "
-                f"(e.g. {_next_multiple(t.global_batch_size, t.micro_batch_size)}) "
-                "or change train.micro_batch_size"
-            )
+        _require_divisible("train.global_batch_size", t.global_batch_size, "train.micro_batch_size",
+                           t.micro_batch_size, "set train.global_batch_size to a multiple (e.g. "
+                           f"{_next_multiple(t.global_batch_size, t.micro_batch_size)}) or change "
+                           "train.micro_batch_size")
 
     def validate_world(self, world_size: int) -> int:
         """The checks the trainer runs before it starts, for ``world_size`` processes (the launcher's

@@ -30,6 +30,7 @@ from megatron.core.transformer import TransformerConfig
 from torch import nn
 
 from megaret.config import ModelConfig
+from megaret.config.schema import GateType, check_choice
 from megaret.models.attention_layer import HeadScale, KVCache, SelfAttention, windowed_self_attention
 from megaret.models.ffn import FeedForward
 from megaret.models.norms import build_norm
@@ -95,8 +96,7 @@ class Gate(nn.Module):
     def __init__(self, kind: str, in_features: int, hidden: int, config: TransformerConfig,
                  tp: TensorParallel) -> None:
         super().__init__()
-        if kind not in ("fixed", "lstm"):
-            raise ValueError(f"model.gate_type: unknown {kind!r}; use fixed or lstm")
+        check_choice("model.gate_type", kind, GateType)
         self.kind = kind
         n = 1 if kind == "fixed" else 3
         self.proj = row(in_features, n * hidden, config, tp)

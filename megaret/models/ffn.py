@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 from torch import nn
 
+from megaret.config.schema import FfnType, check_choice
 from megaret.models.parallel_linear import column, row
 from megaret.parallel.context import TensorParallel
 
@@ -17,8 +18,7 @@ class FeedForward(nn.Module):
     def __init__(self, hidden: int, ffn_hidden: int, kind: str, config: TransformerConfig,
                  tp: TensorParallel) -> None:
         super().__init__()
-        if kind not in ("gelu", "swiglu"):
-            raise ValueError(f"model.ffn_type: unknown {kind!r}; use gelu or swiglu")
+        check_choice("model.ffn_type", kind, FfnType)
         self.kind = kind
         self.up = column(hidden, ffn_hidden, config, tp)
         self.gate = column(hidden, ffn_hidden, config, tp) if kind == "swiglu" else None

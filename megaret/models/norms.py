@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from megaret.config.schema import NormType, check_choice
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
@@ -21,9 +23,8 @@ def build_norm(kind: str, dim: int, eps: float) -> nn.Module:
     """Pre-norm for a residual branch: 'layernorm' or 'rmsnorm'."""
     if kind == "layernorm":
         return nn.LayerNorm(dim, eps=eps)
-    if kind == "rmsnorm":
-        return RMSNorm(dim, eps=eps)
-    raise ValueError(f"model.norm_type: unknown norm {kind!r}; use layernorm or rmsnorm")
+    check_choice("model.norm_type", kind, NormType)
+    return RMSNorm(dim, eps=eps)
 
 
 def head_norm(x: torch.Tensor, eps: float) -> torch.Tensor:

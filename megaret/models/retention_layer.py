@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 from torch import nn
 
-from megaret.config.schema import RetentionMode, choices
+from megaret.config.schema import RetentionMode, check_choice
 from megaret.models.norms import head_norm
 from megaret.models.parallel_linear import column, row
 from megaret.models.rotary import Rotary
@@ -98,8 +98,7 @@ class MultiScaleRetention(nn.Module):
             else:
                 o, new_state = recurrent_retention(q, k, v, log_decay, state, reset)
         else:
-            allowed = ", ".join(choices(RetentionMode))
-            raise ValueError(f"retention_mode: unknown {mode!r}; use one of {allowed}")
+            check_choice("retention_mode", mode, RetentionMode)
         y = head_norm(o, self.norm_eps)  # (B, T, H, Dv)
         b, t = q.shape[:2]  # the full T also under sequence parallelism (x is then a T / tp shard)
         y = y.transpose(0, 1).reshape(t, b, self.local_heads * self.value_dim)  # (T, B, H*Dv)

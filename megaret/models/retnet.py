@@ -11,8 +11,6 @@ archs share for that lives in megaret/models/stage.py.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from megatron.core.transformer import TransformerConfig
 from torch import nn
@@ -25,7 +23,7 @@ from megaret.models.stage import StagedLanguageModel
 from megaret.models.state import StackState, tensor_bytes, to_device
 from megaret.parallel.context import TensorParallel
 
-__all__ = ["RetNet", "RetNetBlock", "RetNetOutput", "RetNetState"]
+__all__ = ["RetNet", "RetNetBlock", "RetNetState"]
 
 
 class RetNetState(StackState):
@@ -60,13 +58,6 @@ class RetNetState(StackState):
         return to_device(d, device)
 
 
-@dataclass
-class RetNetOutput:
-    logits: torch.Tensor  # (B, T, V / tp): this rank's vocabulary slice
-    loss: torch.Tensor | None  # (B, T) per-token cross-entropy when labels are given
-    state: RetNetState
-
-
 class RetNetBlock(nn.Module):
     """x + MSR(LN(x)), then + FFN(LN(.)), each branch with dropout."""
 
@@ -95,11 +86,10 @@ class RetNet(StagedLanguageModel):
     """Token ids in, vocab-parallel logits (and per-token loss) out, with carried state.
 
     As one pipeline stage (see StagedLanguageModel): a non-last stage returns its hidden
-    states (T, B, d) instead of a RetNetOutput.
+    states (T, B, d) instead of a ModelOutput.
     """
 
     state_type = RetNetState
-    output_type = RetNetOutput
 
     def build_layer(self, index: int, config: TransformerConfig) -> nn.Module:
         return RetNetBlock(self.cfg, config, self.tp)

@@ -13,6 +13,7 @@ parallelism) expect.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,6 +32,15 @@ from torch import nn
 from megaret.config import ModelConfig
 from megaret.models.norms import RMSNorm, build_norm
 from megaret.parallel.context import TensorParallel
+
+
+@dataclass
+class ModelOutput:
+    """What the last stage of every arch returns."""
+
+    logits: torch.Tensor  # (B, T, V / tp): this rank's vocabulary slice
+    loss: torch.Tensor | None  # (B, T) per-token cross-entropy when labels are given
+    state: Any  # the arch's state_type (the state protocol, megaret/models/state.py)
 
 
 def seeded(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
@@ -106,7 +116,6 @@ class StagedLanguageModel(nn.Module):
         self.recompute = False  # activation recomputation per layer (set by the trainer)
 
     state_type: type  # (per-layer states, next position) -> what forward returns as .state
-    output_type: type  # (logits, loss, state) -> what the last stage returns
 
     def build_layer(self, index: int, config: TransformerConfig) -> nn.Module:
         """The block at global layer `index`."""
@@ -196,7 +205,7 @@ class StagedLanguageModel(nn.Module):
             (RetNet only; default model.retention_mode; a one-token call is always one O(1) step).
         return_state: on a non-last stage, return (hidden, the state of its layers) (stateful
             training under a pipeline).
-        Returns an `output_type` (logits (B, T, V / tp), per-token loss (B, T) or None, next
+        Returns a `ModelOutput` (logits (B, T, V / tp), per-token loss (B, T) or None, next
         state) on the last stage; otherwise the hidden states (T, B, d) (or with the state).
         """
         if state is not None and restart is not None:
@@ -221,7 +230,7 @@ class StagedLanguageModel(nn.Module):
         if not self.post_process:
             return (x, next_state) if return_state else x
         logits, loss = self.head(x, labels)
-        return self.output_type(logits, loss, next_state)
+        return ModelOutput(logits, loss, next_state)
 
     def head(self, x: torch.Tensor, labels: torch.Tensor | None
              ) -> tuple[torch.Tensor, torch.Tensor | None]:

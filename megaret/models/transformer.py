@@ -12,8 +12,6 @@ initialised from its own seed, so a stage's weights equal the same part of the f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from megatron.core.transformer import TransformerConfig
 from torch import nn
@@ -38,13 +36,6 @@ class TransformerState(StackState):
         """Room for `capacity` tokens in every growing KV cache (decoding; see KVCache.reserve)."""
         return TransformerState([s.reserve(capacity) if isinstance(s, KVCache) else s for s in self.layers],
                                 self.position)
-
-
-@dataclass
-class TransformerOutput:
-    logits: torch.Tensor  # (B, T, V / tp): this rank's vocabulary slice
-    loss: torch.Tensor | None  # (B, T) per-token cross-entropy when labels are given
-    state: TransformerState
 
 
 class TransformerBlock(nn.Module):
@@ -94,7 +85,6 @@ class Transformer(StagedLanguageModel):
         return self.window is not None
 
     state_type = TransformerState
-    output_type = TransformerOutput
 
     def build_layer(self, index: int, config: TransformerConfig) -> nn.Module:
         return TransformerBlock(self.cfg, config, self.tp, self.window)

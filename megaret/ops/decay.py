@@ -14,7 +14,9 @@ import math
 import torch
 from torch import Tensor
 
-SCHEDULES: tuple[str, ...] = ("retnet", "loglinear")
+from megaret.config.schema import DecaySchedule, choices
+
+SCHEDULES: tuple[str, ...] = choices(DecaySchedule)
 
 
 def _full_log_decay(num_heads: int, schedule: str) -> Tensor:

@@ -32,44 +32,27 @@ class MegatronMPU:
     the grad norm over it); tensor parallel = TP; data parallel = the ZeRO sharding group.
     """
 
-    def get_model_parallel_group(self):
-        return ps.get_model_parallel_group()
+    # DeepSpeed's name -> megatron's parallel_state getter (the model-parallel rank and size are
+    # those of megatron's model-parallel group, TP x PP)
+    get_model_parallel_group = staticmethod(ps.get_model_parallel_group)
+    get_tensor_model_parallel_group = staticmethod(ps.get_tensor_model_parallel_group)
+    get_tensor_model_parallel_rank = staticmethod(ps.get_tensor_model_parallel_rank)
+    get_tensor_model_parallel_world_size = staticmethod(ps.get_tensor_model_parallel_world_size)
+    get_tensor_model_parallel_src_rank = staticmethod(ps.get_tensor_model_parallel_src_rank)
+    get_pipeline_model_parallel_rank = staticmethod(ps.get_pipeline_model_parallel_rank)
+    get_pipeline_model_parallel_world_size = staticmethod(ps.get_pipeline_model_parallel_world_size)
+    get_pipe_parallel_group = staticmethod(ps.get_pipeline_model_parallel_group)
+    get_data_parallel_group = staticmethod(ps.get_data_parallel_group)
+    get_data_parallel_rank = staticmethod(ps.get_data_parallel_rank)
+    get_data_parallel_world_size = staticmethod(ps.get_data_parallel_world_size)
 
-    def get_model_parallel_rank(self) -> int:
+    @staticmethod
+    def get_model_parallel_rank() -> int:
         return dist.get_rank(ps.get_model_parallel_group())
 
-    def get_model_parallel_world_size(self) -> int:
+    @staticmethod
+    def get_model_parallel_world_size() -> int:
         return dist.get_world_size(ps.get_model_parallel_group())
-
-    def get_tensor_model_parallel_group(self):
-        return ps.get_tensor_model_parallel_group()
-
-    def get_tensor_model_parallel_rank(self) -> int:
-        return ps.get_tensor_model_parallel_rank()
-
-    def get_tensor_model_parallel_world_size(self) -> int:
-        return ps.get_tensor_model_parallel_world_size()
-
-    def get_tensor_model_parallel_src_rank(self) -> int:
-        return ps.get_tensor_model_parallel_src_rank()
-
-    def get_pipeline_model_parallel_rank(self) -> int:
-        return ps.get_pipeline_model_parallel_rank()
-
-    def get_pipeline_model_parallel_world_size(self) -> int:
-        return ps.get_pipeline_model_parallel_world_size()
-
-    def get_pipe_parallel_group(self):
-        return ps.get_pipeline_model_parallel_group()
-
-    def get_data_parallel_group(self):
-        return ps.get_data_parallel_group()
-
-    def get_data_parallel_rank(self) -> int:
-        return ps.get_data_parallel_rank()
-
-    def get_data_parallel_world_size(self) -> int:
-        return ps.get_data_parallel_world_size()
 
 
 class StageModules(nn.Module):
