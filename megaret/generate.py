@@ -62,7 +62,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def load_model(args: argparse.Namespace, prog: str):
     """(cfg, model, ctx) from --config/--weights or --checkpoint (+ overrides), one process."""
-    from megaret.export import load_checkpoint
+    from megaret.checkpoint.consolidate import load_checkpoint
 
     state = None
     try:

@@ -24,8 +24,8 @@ import psutil
 import pytest
 import torch
 
+from megaret.checkpoint.consolidate import consolidate
 from megaret.checkpoint.files import FAULT_EXIT, list_checkpoints
-from megaret.export import consolidate
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.multiproc

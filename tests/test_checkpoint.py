@@ -150,7 +150,7 @@ def test_keep_policy(tmp_path):
 
 def test_carried_state_round_trips_through_weights_only(tmp_path):
     from megaret.models.retnet import RetNetState
-    from megaret.train.checkpoint import pack_state, unpack_state
+    from megaret.train.step import pack_state, unpack_state
 
     state = RetNetState([torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)], position=96)
     torch.save({"carried_state": pack_state(state)}, tmp_path / "r.pt")

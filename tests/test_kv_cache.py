@@ -18,7 +18,7 @@ from megaret.models import attention_layer
 from megaret.models.attention_layer import KVBuffer, KVCache, grown_capacity
 from megaret.models.factory import build_model
 from megaret.parallel.megatron_config import megatron_config
-from megaret.train.checkpoint import pack_state, unpack_state
+from megaret.train.step import pack_state, unpack_state
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -25,6 +25,7 @@ initial state. The causal Transformer's cache grows without bound: the engine re
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -86,6 +87,56 @@ class StateCarry:
 
     def clear(self) -> None:
         self.state = {}
+
+    # TEMPORARY: replaced by the state protocol at merge
+    def state_dict(self) -> dict:
+        """Tensors and plain containers (loadable with torch.load(weights_only=True))."""
+        return {"chunks": {i: pack_state(s) for i, s in self.state.items()}}
+
+    # TEMPORARY: replaced by the state protocol at merge
+    def load_state_dict(self, obj: dict) -> None:
+        """`state_dict()`'s form, or format 1's ({chunk: pack_state form})."""
+        chunks = obj["chunks"] if "chunks" in obj else obj
+        self.state = {int(i): unpack_state(s) for i, s in chunks.items()}
+
+
+# TEMPORARY: replaced by the state protocol at merge (format 1's carried-state packing, moved here
+# from megaret/train/checkpoint.py)
+def _state_types() -> dict[str, type]:
+    from megaret.models.brt_layer import BRTLayerState
+
+    return {c.__name__: c for c in (RetNetState, TransformerState, BRTLayerState, KVCache)}
+
+
+# TEMPORARY: replaced by the state protocol at merge
+def pack_state(obj: Any) -> Any:
+    """A carried state -> tensors and plain containers (loadable with weights_only=True)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        name = type(obj).__name__
+        if name not in _state_types():
+            raise TypeError(f"cannot checkpoint a carried state of type {name}; "
+                            f"known: {sorted(_state_types())}")
+        return {"__state_type__": name,
+                "fields": {f.name: pack_state(getattr(obj, f.name)) for f in dataclasses.fields(obj)}}
+    if isinstance(obj, dict):
+        return {k: pack_state(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(pack_state(v) for v in obj)
+    if obj is None or isinstance(obj, (torch.Tensor, int, float, bool, str)):
+        return obj.detach().cpu().clone() if isinstance(obj, torch.Tensor) else obj
+    raise TypeError(f"cannot checkpoint a carried state holding {type(obj).__name__}")
+
+
+# TEMPORARY: replaced by the state protocol at merge
+def unpack_state(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        if "__state_type__" in obj:
+            cls = _state_types()[obj["__state_type__"]]
+            return cls(**{k: unpack_state(v) for k, v in obj["fields"].items()})
+        return {k: unpack_state(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(unpack_state(v) for v in obj)
+    return obj
 
 
 def chunk_index(model) -> int:
