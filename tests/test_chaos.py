@@ -24,8 +24,8 @@ import psutil
 import pytest
 import torch
 
+from megaret.checkpoint.consolidate import consolidate
 from megaret.checkpoint.files import list_checkpoints
-from megaret.export import consolidate
 from megaret.faults import FAULT_EXIT, plan_env
 from tests.conftest import REPO
 

@@ -12,8 +12,9 @@ import sys
 import pytest
 import torch
 
+from megaret.checkpoint.consolidate import load_checkpoint
 from megaret.config import load_config
-from megaret.export import export, load_checkpoint
+from megaret.export import export
 from megaret.infer.decoding import generate
 from megaret.infer.loading import load_weights
 from megaret.models.spec import build_model

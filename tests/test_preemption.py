@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from megaret.checkpoint.consolidate import consolidate
 from megaret.checkpoint.files import list_checkpoints
-from megaret.export import consolidate
 from megaret.faults import plan_env
 from tests.conftest import REPO
 

@@ -82,8 +82,8 @@ def test_source_layouts_agree_and_saved_once(launched):
 
 @pytest.mark.parametrize("src", SOURCES)
 def test_offline_consolidation_matches_the_gathered_state_and_the_export(launched, src):
-    from megaret.export import consolidate
-    from megaret.train.reshard import consolidate_training_state
+    from megaret.checkpoint.consolidate import consolidate
+    from megaret.checkpoint.reshard import consolidate_training_state
 
     ckpt = launched.work / src / "run" / "checkpoints" / "step_0000004"
     full = consolidate_training_state(ckpt, verify(ckpt))
@@ -101,46 +101,39 @@ def test_offline_consolidation_matches_the_gathered_state_and_the_export(launche
 # refusals (one process, no launch)
 
 
-def _checkpointer(saved: dict, here: dict, loader: object | None = None):
-    from megaret.train.checkpoint import Checkpointer
+def _check_layout(saved: dict, here: dict, loader: bool = False) -> bool:
+    """What resuming a checkpoint saved at layout `saved` in a run at layout `here` decides: the
+    data part refuses first, then the model part (True: reshard, False: load directly)."""
+    from megaret.checkpoint.model import check_layout
+    from megaret.checkpoint.parts import DataPosition
 
-    cp = object.__new__(Checkpointer)
-    ctx = types.SimpleNamespace(world_size=here["world_size"], tp=types.SimpleNamespace(size=here["tensor"]),
-                                pp_size=here["pipeline"], virtual_pipeline=None, dp_size=here["data"])
-    cfg = types.SimpleNamespace(parallel=types.SimpleNamespace(zero_stage=here["zero_stage"]),
-                                data=types.SimpleNamespace(source="synthetic"))
-    cp.trainer = types.SimpleNamespace(ctx=ctx, cfg=cfg, batches=types.SimpleNamespace(loader=loader))
-    manifest = {"data_source": "synthetic", "layout": dict(saved, virtual_pipeline=None)}
-    return cp, manifest
+    stub = types.SimpleNamespace(load_state_dict=lambda state: None) if loader else None
+    data = DataPosition("synthetic", here["data"], stub)
+    data.load(Path("ckpt"), {"source": "synthetic", "data_parallel": saved["data"], "loader": {}})
+    return check_layout(Path("ckpt"), dict(saved, virtual_pipeline=None), dict(here, virtual_pipeline=None))
 
 
 LAY = {"world_size": 2, "tensor": 2, "pipeline": 1, "data": 1, "zero_stage": 1}
 
 
 def test_same_layout_loads_directly_and_another_is_resharded():
-    cp, manifest = _checkpointer(LAY, LAY)
-    assert cp._check_layout(Path("ckpt"), manifest) is False
-    cp, manifest = _checkpointer(LAY, dict(LAY, tensor=1, data=2))
-    assert cp._check_layout(Path("ckpt"), manifest) is True
+    assert _check_layout(LAY, LAY) is False
+    assert _check_layout(LAY, dict(LAY, tensor=1, data=2)) is True
 
 
 def test_unsupported_layout_changes_are_refused_naming_the_fix():
-    cp, manifest = _checkpointer(LAY, dict(LAY, tensor=1, data=2, zero_stage=0))
     with pytest.raises(CheckpointError, match=r"tensor: saved 2, now 1.*ZeRO-1/2.*resume with the saved"):
-        cp._check_layout(Path("ckpt"), manifest)
-    cp, manifest = _checkpointer(dict(LAY, zero_stage=3), dict(LAY, world_size=1, tensor=1, zero_stage=3))
+        _check_layout(LAY, dict(LAY, tensor=1, data=2, zero_stage=0))
     with pytest.raises(CheckpointError, match="parallel.zero_stage=1"):
-        cp._check_layout(Path("ckpt"), manifest)
+        _check_layout(dict(LAY, zero_stage=3), dict(LAY, world_size=1, tensor=1, zero_stage=3))
     # a data loader's position is tied to the DP size: DP changes only with synthetic data
-    cp, manifest = _checkpointer(LAY, dict(LAY, tensor=1, data=2), loader=object())
     with pytest.raises(CheckpointError, match="keep 1 data-parallel ranks"):
-        cp._check_layout(Path("ckpt"), manifest)
-    cp, manifest = _checkpointer(LAY, dict(LAY, tensor=1, pipeline=2), loader=object())
-    assert cp._check_layout(Path("ckpt"), manifest) is True  # TP/PP change at the same DP size
+        _check_layout(LAY, dict(LAY, tensor=1, data=2), loader=True)
+    assert _check_layout(LAY, dict(LAY, tensor=1, pipeline=2), loader=True) is True  # TP/PP change, same DP
 
 
 def test_consolidation_refuses_zero3_checkpoints(tmp_path):
-    from megaret.train.reshard import consolidate_training_state
+    from megaret.checkpoint.reshard import consolidate_training_state
 
     manifest = {"layout": dict(LAY, zero_stage=3)}
     with pytest.raises(CheckpointError, match="zero_stage=3.*resume it with its own layout"):

@@ -1,9 +1,12 @@
-"""Checkpoint files: atomic directories with sha256 manifests, and code-free loading."""
+"""Checkpoints: atomic directories with sha256 manifests, code-free loading (here); the manager of
+stateful parts (manager, parts, model), resharding (reshard), offline consolidation
+(consolidate), tensor-parallel merging (merge, gather) and format-1 reading (legacy)."""
 
 from megaret.checkpoint.files import (
     LATEST,
     MANIFEST,
     CheckpointError,
+    FormatError,
     list_checkpoints,
     publish,
     read_manifest,
@@ -15,6 +18,6 @@ from megaret.checkpoint.files import (
 from megaret.checkpoint.safe import install_safe_loading, safe_load
 
 __all__ = [
-    "LATEST", "MANIFEST", "CheckpointError", "install_safe_loading", "list_checkpoints", "publish",
-    "read_manifest", "resolve", "safe_load", "select_newest_valid", "step_name", "verify",
+    "LATEST", "MANIFEST", "CheckpointError", "FormatError", "install_safe_loading", "list_checkpoints",
+    "publish", "read_manifest", "resolve", "safe_load", "select_newest_valid", "step_name", "verify",
 ]

@@ -4,8 +4,9 @@ Layout of ``run.dir/checkpoints``::
 
     latest                    the name of the newest published checkpoint (written atomically)
     step_0000010/             one directory per saved step, renamed into place when complete
-        manifest.json         sha256 + size of every other file, layout, counters, resolved config
-        rank_00000.pt         per-rank state: RNG, data-loader position, carried recurrent state
+        manifest.json         sha256 + size of every other file, the shared parts' states (counters,
+                              LR schedule, model layout), which rank wrote which rank file, config
+        rank_00000.pt         per-rank parts: data-loader position, carried recurrent state, RNG
         ds/mp_rank_00_model_states.pt                       DeepSpeed: model (one per TP x PP rank)
         ds/zero_pp_rank_0_mp_rank_00_optim_states.pt        DeepSpeed: ZeRO shard (per DP x MP rank)
         zero_to_fp32.py       DeepSpeed's recovery script
@@ -29,12 +30,18 @@ from megaret import faults
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
-FORMAT_VERSION = 1
+#: the manifest's "format": 2 = one state per part (megaret.checkpoint.manager); 1 = before it
+#: (megaret.checkpoint.legacy). A newer one is refused: it needs a newer megaret.
+FORMAT_VERSION = 2
 _STEP_RE = re.compile(r"^step_(\d{7,})$")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt, partial or incompatible with this run."""
+
+
+class FormatError(CheckpointError):
+    """A checkpoint written by a newer megaret (its format is unknown here): never skipped over."""
 
 
 def step_name(step: int) -> str:
@@ -143,6 +150,12 @@ def read_manifest(ckpt: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is unreadable: {exc}") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise CheckpointError(f"{path} has no 'files' table")
+    fmt = manifest.get("format", 1)
+    if not isinstance(fmt, int) or fmt < 1:
+        raise CheckpointError(f"{path} has format {fmt!r}, which no megaret writes")
+    if fmt > FORMAT_VERSION:
+        raise FormatError(f"{path} is checkpoint format {fmt}, newer than this megaret reads (1 to "
+                          f"{FORMAT_VERSION}): upgrade megaret to load it")
     return manifest
 
 
@@ -174,11 +187,14 @@ class Selection:
 
 
 def select_newest_valid(root: Path) -> Selection:
-    """Walk the checkpoints newest first; the first that verifies is used, each one skipped is reported."""
+    """Walk the checkpoints newest first; the first that verifies is used, each one skipped is
+    reported. A checkpoint of a newer format stops the walk (`FormatError`)."""
     messages, rejected = [], []
     for _, ckpt in reversed(list_checkpoints(root)):
         try:
             manifest = verify(ckpt)
+        except FormatError:
+            raise  # falling back would train on from an older step and overwrite the newer ones
         except CheckpointError as exc:
             rejected.append(ckpt.name)
             messages.append(f"checkpoint {ckpt.name} is unusable: {exc}")

@@ -71,7 +71,7 @@ def load_model(config: str | None = None, weights: str | None = None, checkpoint
                overrides: Sequence[str] = ()) -> tuple[Config, torch.nn.Module, ParallelContext]:
     """(cfg, model, ctx) from a config (+ consolidated weights) or a checkpoint (+ overrides), in one
     process. Raises ConfigError, CheckpointError or InferenceError."""
-    from megaret.export import load_checkpoint
+    from megaret.checkpoint.consolidate import load_checkpoint
 
     state: Any = None
     if checkpoint:

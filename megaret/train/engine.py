@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -140,28 +139,3 @@ def build_engine(cfg: Config, ctx: ParallelContext, chunks: list[nn.Module]):
                                       config=deepspeed_config(cfg, ctx.dp_size))
     return engine
 
-
-def gather_full(
-    chunks: list[nn.Module], ctx: ParallelContext, value_of: Callable[[nn.Parameter], torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """value_of(param) for every parameter of the full model (TP shards concatenated along their
-    partition dim, PP stages merged by global name), as fp32 CPU copies on every rank."""
-    mine: dict[str, torch.Tensor] = {}
-    for chunk in chunks:
-        for name, p in chunk.named_parameters():
-            t = value_of(p).detach().float().clone()  # never alias the live tensors
-            if getattr(p, "tensor_model_parallel", False) and ctx.tp.size > 1:
-                parts = [torch.empty_like(t) for _ in range(ctx.tp.size)]
-                dist.all_gather(parts, t.contiguous(), group=ctx.tp.group)
-                t = torch.cat(parts, dim=p.partition_dim)
-            mine[chunk.global_name(name)] = t.cpu()
-    if ctx.pp_size == 1:
-        return mine
-    stages: list[dict | None] = [None] * ctx.pp_size
-    dist.all_gather_object(stages, mine, group=ctx.pp_group)
-    return {k: v for stage in stages for k, v in stage.items()}
-
-
-def full_parameters(chunks: list[nn.Module], ctx: ParallelContext) -> dict[str, torch.Tensor]:
-    """Every parameter of the full model (TP shards concatenated, PP stages merged), on every rank."""
-    return gather_full(chunks, ctx, lambda p: p)

@@ -10,12 +10,15 @@ import torch
 import torch.distributed as dist
 
 from megaret import faults
+from megaret.checkpoint.gather import full_parameters
+from megaret.checkpoint.manager import CheckpointManager
+from megaret.checkpoint.model import ModelOptimizer
+from megaret.checkpoint.parts import RNG, CarriedStates, DataPosition, Part, Schedule, Shared
 from megaret.config import Config, save_config
 from megaret.models.spec import arch_spec
 from megaret.parallel.context import build_parallel_context
 from megaret.train.batches import Batch, BatchSource, LoaderBatches, SyntheticBatches
-from megaret.train.checkpoint import Checkpointer
-from megaret.train.engine import build_engine, build_stage_modules, full_parameters
+from megaret.train.engine import build_engine, build_stage_modules
 from megaret.train.metrics import Metrics, Timer, model_flops_per_token, peak_tflops
 from megaret.train.schedule import learning_rate
 from megaret.train.signals import StopSignals
@@ -44,8 +47,39 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0
         self.consecutive_skips = 0
-        self.checkpointer = Checkpointer(self)  # run.dir/checkpoints; resume loads the newest valid one
-        self.resumed_from = self.checkpointer.resume() if cfg.checkpoint.resume else None
+        cc = cfg.checkpoint
+        self.checkpointer = CheckpointManager(Path(cfg.run.dir) / "checkpoints", self._checkpoint_parts(),
+                                              self.ctx, cc.keep_last, cc.keep_every,
+                                              meta={"config": cfg.to_dict()})
+        self.resumed_from = self.checkpointer.resume() if cc.resume else None  # the newest valid one
+
+    def _checkpoint_parts(self) -> dict[str, Part]:
+        """What a checkpoint holds, each part saving and loading itself (loaded in this order:
+        the cheap checks first, the RNG last)."""
+        cfg, ctx = self.cfg, self.ctx
+        parts: dict[str, Part] = {
+            "trainer": Shared(self),
+            "schedule": Schedule(cfg.optimizer, cfg.train.steps),
+            "data": DataPosition(cfg.data.source, ctx.dp_size, getattr(self.batches, "loader", None),
+                                 getattr(self.batches, "restart", None)),
+        }
+        if self.carry is not None:
+            parts["carry"] = CarriedStates(self.carry, ctx)
+        parts["model"] = ModelOptimizer(self.engine, self.chunks, ctx, cfg.parallel.zero_stage,
+                                        cfg.train.precision)
+        parts["rng"] = RNG()
+        return parts
+
+    def state_dict(self) -> dict[str, int]:
+        """The trainer's counters (the manifest's "trainer" entry)."""
+        c = self.cfg
+        return {"step": self.step, "tokens_seen": self.step * c.train.global_batch_size * c.data.seq_length,
+                "skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step = state["step"]
+        self.skipped_steps = state["skipped_steps"]
+        self.consecutive_skips = state["consecutive_skips"]
 
     def _state_class(self) -> type:
         return arch_spec(self.cfg.model.arch).state_class
@@ -199,7 +233,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Write run.dir/checkpoints/step_NNNNNNN for the current step (every rank calls this)."""
-        return self.checkpointer.save()
+        return self.checkpointer.save(self.step)
 
     def full_parameters(self):
         """The full model's parameters (gathered over TP and PP) on every rank."""

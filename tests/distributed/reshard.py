@@ -23,9 +23,9 @@ import torch
 import torch.distributed as dist
 from _common import report_and_close  # tests/distributed/_common.py (the script's own folder)
 
+from megaret.checkpoint.reshard import MOMENTS, full_optimizer_state
 from megaret.config import load_config
 from megaret.parallel.context import init_distributed
-from megaret.train.reshard import MOMENTS, full_optimizer_state
 from megaret.train.trainer import Trainer
 
 COMMON = [

@@ -16,11 +16,11 @@ import torch
 import torch.distributed as dist
 from _common import print_result, rel  # tests/distributed/_common.py (the script's own folder)
 
+from megaret.checkpoint.gather import gather_full
 from megaret.config import load_config
 from megaret.models.retnet import RetNet
 from megaret.parallel.context import build_parallel_context, destroy_parallel_context
 from megaret.parallel.megatron_config import megatron_config
-from megaret.train.engine import gather_full
 
 
 def grad_norm(model: RetNet, ctx) -> float:

@@ -5,14 +5,15 @@ the layout of the resuming run. No DeepSpeed universal-checkpoint pass is needed
 wants per-parameter patterns the model would have to declare); the manifest already holds
 everything:
 
-1. `consolidate_training_state` (offline, no process group): for every saved TP x PP rank
-   (``mp_rank_XX``, mapped to (tp_rank, pp_rank) by the manifest) read the ZeRO-1/2 optimizer
+1. `training_state` (offline, no process group; `consolidate_training_state` from a whole
+   manifest): for every saved TP x PP rank (``mp_rank_XX``, mapped to (tp_rank, pp_rank) by the
+   model part's manifest entry) read the ZeRO-1/2 optimizer
    shard of each DP rank (``zero_pp_rank_D_mp_rank_XX_optim_states.pt``). Each holds the DP
    rank's flat partition of the fp32 master weights and of Adam's ``exp_avg``/``exp_avg_sq``,
    and ``param_slice_mappings``: for each parameter (by DeepSpeed's module key) the slice of that
    partition it occupies. Concatenating a parameter's slices in DP-rank order gives its flat TP
    shard; the model file gives the shard's shape; the manifest's {key: (full-model name, TP
-   partition dim)} concatenates TP shards along their dim and merges PP stages by name. Result:
+   partition dim)} merges TP shards (`megaret.checkpoint.merge.merge_tp`) and PP stages by name. Result:
    {full-model name: fp32 master, exp_avg, exp_avg_sq} plus Adam's step counter. The masters
    come from the optimizer (exact under bf16 too), not from the model copies.
 2. `load_resharded` (every rank of the new run): slice each full tensor for this rank's TP rank
@@ -22,12 +23,13 @@ everything:
 
 The loss trajectory then continues as on the saved layout up to float reassociation (gradient
 all-reduce / accumulation order), and the gathered moments equal the saved ones bit for bit
-(tests/test_reshard.py). Counters come from the manifest; the data position and RNG from the
-saved rank with the same coordinates (else the same DP rank, else rank 0): a loader position
-is tied to the DP size, so a DP change is refused for loader-based data (data.source=synthetic
-is keyed by step and global sample, any DP size sees the same batches); dropout streams are per
-TP rank, so exactness across TP sizes holds with dropout 0. Carried recurrent states
-(data.packing=segments) and ZeRO-0/3 are refused with the fix.
+(tests/test_reshard.py). The model part (`megaret.checkpoint.model`) decides when to reshard;
+the other parts load as usual, each from the saved rank with the same coordinates (else the same
+DP rank, else rank 0): a loader position is tied to the DP size, so the data part refuses a DP
+change for loader-based data (data.source=synthetic is keyed by step and global sample, any DP
+size sees the same batches); dropout streams are per TP rank, so exactness across TP sizes holds
+with dropout 0. Carried recurrent states (data.packing=segments) and ZeRO-0/3 are refused with
+the fix.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ import torch
 import torch.distributed as dist
 
 from megaret.checkpoint.files import CheckpointError
+from megaret.checkpoint.gather import gather_full
+from megaret.checkpoint.legacy import model_layout
+from megaret.checkpoint.merge import merge_named, shard_of, tp_dim
 from megaret.checkpoint.safe import safe_load
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -63,76 +68,81 @@ def _group_states(base: Any, n_groups: int) -> list[dict[str, Any]]:
     return [dict(s) if s else {} for s in base]  # elastic_checkpoint: a list per group
 
 
-def consolidate_training_state(ckpt: Path, manifest: dict[str, Any],
-                               names: set[str] | None = None) -> FullState:
-    """Full fp32 weights, Adam moments and step of a (verified) checkpoint; only `names` if given."""
-    lay = manifest["layout"]
-    if lay.get("zero_stage") not in RESHARDABLE_ZERO:
-        raise CheckpointError(
-            f"{ckpt} was saved with parallel.zero_stage={lay.get('zero_stage')}; resharding reads ZeRO-1/2 "
-            f"optimizer shards only: resume it with its own layout (tensor={lay['tensor']}, "
-            f"pipeline={lay['pipeline']}, data={lay['data']})")
-    ds = ckpt / lay["deepspeed_dir"]
-    out = FullState()
-    shards: dict[str, dict[int, dict[str, torch.Tensor]]] = {}  # full name -> tp_rank -> kind -> shard
-    dims: dict[str, int | None] = {}
+def _optimizer_slices(ds: Path, mp: str, key_map: dict[str, list], n_data: int
+                      ) -> tuple[dict[str, dict[str, list[torch.Tensor]]], list[torch.Tensor]]:
+    """For each DeepSpeed module key of TP x PP rank `mp`: its slices of the fp32 masters and Adam
+    moments in DP-rank order ({key: {kind: [slice per DP rank]}}), and the Adam step counters seen."""
+    flat: dict[str, dict[str, list[torch.Tensor]]] = {}
     steps: list[torch.Tensor] = []
-    for mp, where in sorted(lay["mp_ranks"].items()):
-        key_map = lay["params"][mp]  # DeepSpeed module key -> [full-model name, TP partition dim]
-        model_file = ds / f"mp_rank_{mp}_model_states.pt"
-        model = safe_load(model_file)
+    for d in range(n_data):
+        path = ds / f"zero_pp_rank_{d}_mp_rank_{mp}_optim_states.pt"
+        osd = safe_load(path)["optimizer_state_dict"]
+        fp32 = osd["single_partition_of_fp32_groups"]
+        states = _group_states(osd["base_optimizer_state"], len(fp32))
+        for i, mapping in enumerate(osd["param_slice_mappings"]):
+            if "step" in states[i]:
+                steps.append(states[i]["step"])
+            for key, frag in mapping.items():
+                if key not in key_map:
+                    raise CheckpointError(f"{path} holds {key}, which the manifest does not map")
+                parts = flat.setdefault(key, {"param": [], **{m: [] for m in MOMENTS}})
+                parts["param"].append(fp32[i].narrow(0, frag.start, frag.numel))
+                for m in MOMENTS:
+                    if m in states[i]:
+                        parts[m].append(states[i][m].narrow(0, frag.start, frag.numel))
+    return flat, steps
+
+
+def _shard_kinds(ds: Path, mp: str, key: str, value: torch.Tensor,
+                 slices: dict[str, list[torch.Tensor]] | None) -> dict[str, torch.Tensor]:
+    """{param, exp_avg, exp_avg_sq: this TP shard as fp32, shaped like the model file's tensor}."""
+    if slices is None:  # a frozen tensor: not in the optimizer
+        return {"param": value.float()}
+    kinds = {}
+    for kind, parts in slices.items():
+        if not parts:
+            continue
+        t = torch.cat(parts)
+        if t.numel() != value.numel():
+            raise CheckpointError(f"{ds}: the ZeRO shards of {key} (mp_rank {mp}) hold "
+                                  f"{t.numel()} values, the model file {value.numel()}")
+        kinds[kind] = t.view(value.shape).float()
+    return kinds
+
+
+def training_state(ckpt: Path, layout: dict[str, Any], names: set[str] | None = None) -> FullState:
+    """Full fp32 weights, Adam moments and step of a (verified) checkpoint whose model part has
+    `layout` (its manifest entry); only `names` if given."""
+    if layout.get("zero_stage") not in RESHARDABLE_ZERO:
+        raise CheckpointError(
+            f"{ckpt} was saved with parallel.zero_stage={layout.get('zero_stage')}; resharding reads "
+            f"ZeRO-1/2 optimizer shards only: resume it with its own layout (tensor={layout['tensor']}, "
+            f"pipeline={layout['pipeline']}, data={layout['data']})")
+    ds = ckpt / layout["deepspeed_dir"]
+    out = FullState()
+    pieces: dict[tuple[str, str], dict[int, torch.Tensor]] = {}  # (full name, kind) -> tp_rank -> shard
+    dims: dict[tuple[str, str], int | None] = {}
+    steps: list[torch.Tensor] = []
+    for mp, where in sorted(layout["mp_ranks"].items()):
+        key_map = layout["params"][mp]  # DeepSpeed module key -> [full-model name, TP partition dim]
+        model = safe_load(ds / f"mp_rank_{mp}_model_states.pt")
         if not out.engine_counters:
             counters = ("global_steps", "global_samples", "skipped_steps")
             out.engine_counters = {k: model.get(k) for k in counters}
-        module = model["module"]
-        flat: dict[str, dict[str, list[torch.Tensor]]] = {}
-        for d in range(lay["data"]):
-            path = ds / f"zero_pp_rank_{d}_mp_rank_{mp}_optim_states.pt"
-            osd = safe_load(path)["optimizer_state_dict"]
-            fp32 = osd["single_partition_of_fp32_groups"]
-            states = _group_states(osd["base_optimizer_state"], len(fp32))
-            for i, mapping in enumerate(osd["param_slice_mappings"]):
-                if "step" in states[i]:
-                    steps.append(states[i]["step"])
-                for key, frag in mapping.items():
-                    if key not in key_map:
-                        raise CheckpointError(f"{path} holds {key}, which the manifest does not map")
-                    parts = flat.setdefault(key, {"param": [], **{m: [] for m in MOMENTS}})
-                    parts["param"].append(fp32[i].narrow(0, frag.start, frag.numel))
-                    for m in MOMENTS:
-                        if m in states[i]:
-                            parts[m].append(states[i][m].narrow(0, frag.start, frag.numel))
+        flat, mp_steps = _optimizer_slices(ds, mp, key_map, layout["data"])
+        steps += mp_steps
         for key, (name, dim) in key_map.items():
-            value = module.get(key)
+            value = model["module"].get(key)
             if not torch.is_tensor(value) or (names is not None and name not in names):
                 continue  # megatron's _extra_state, or a tensor this rank does not hold
-            kinds: dict[str, torch.Tensor] = {}
-            if key in flat:
-                for kind, parts in flat[key].items():
-                    if not parts:
-                        continue
-                    t = torch.cat(parts)
-                    if t.numel() != value.numel():
-                        raise CheckpointError(f"{ds}: the ZeRO shards of {key} (mp_rank {mp}) hold "
-                                              f"{t.numel()} values, the model file {value.numel()}")
-                    kinds[kind] = t.view(value.shape).float()
-            else:  # a frozen tensor: not in the optimizer
-                kinds["param"] = value.float()
-            dims[name] = dim if lay["tensor"] > 1 else None
-            shards.setdefault(name, {})[where["tp_rank"]] = kinds
-    for name, by_tp in shards.items():
-        dim = dims[name]
-        if dim is None:
-            kinds = by_tp[min(by_tp)]
+            for kind, t in _shard_kinds(ds, mp, key, value, flat.get(key)).items():
+                pieces.setdefault((name, kind), {})[where["tp_rank"]] = t
+                dims[(name, kind)] = dim
+    for (name, kind), t in merge_named(pieces, dims, layout["tensor"], ckpt).items():
+        if kind == "param":
+            out.params[name] = t
         else:
-            missing = set(range(lay["tensor"])) - set(by_tp)
-            if missing:
-                raise CheckpointError(f"{ckpt}: no TP rank {sorted(missing)} shard of {name}")
-            kinds = {k: torch.cat([by_tp[r][k] for r in range(lay["tensor"])], dim=dim) for k in by_tp[0]}
-        out.params[name] = kinds["param"]
-        moments = {m: kinds[m] for m in MOMENTS if m in kinds}
-        if moments:
-            out.moments[name] = moments
+            out.moments.setdefault(name, {})[kind] = t
     if steps:
         if any(float(s) != float(steps[0]) for s in steps):
             raise CheckpointError(f"{ckpt}: the optimizer shards disagree on Adam's step "
@@ -143,10 +153,15 @@ def consolidate_training_state(ckpt: Path, manifest: dict[str, Any],
     return out
 
 
+def consolidate_training_state(ckpt: Path, manifest: dict[str, Any],
+                               names: set[str] | None = None) -> FullState:
+    """`training_state` of a checkpoint from its (verified) manifest, of any format."""
+    return training_state(ckpt, model_layout(manifest), names)
+
+
 def _local(full: torch.Tensor, p: torch.nn.Parameter, tp_size: int, tp_rank: int, name: str) -> torch.Tensor:
     """This TP rank's shard of a full tensor, shaped like parameter `p`."""
-    if getattr(p, "tensor_model_parallel", False) and tp_size > 1:
-        full = torch.chunk(full, tp_size, dim=p.partition_dim)[tp_rank]
+    full = shard_of(full, tp_dim(p), tp_size, tp_rank)
     if tuple(full.shape) != tuple(p.shape):
         raise CheckpointError(f"{name}: the checkpoint's tensor cuts to {tuple(full.shape)} on this rank, "
                               f"the model has {tuple(p.shape)} (another model config?)")
@@ -214,7 +229,4 @@ def full_optimizer_state(engine: Any, chunks: list[torch.nn.Module], ctx: Any,
             buf.narrow(0, lpa.start, lpa.numel).copy_(src.narrow(0, hpa.start, hpa.numel))
         dist.all_reduce(buf, group=ctx.dp_group)
         return buf.view(p.shape)
-
-    from megaret.train.engine import gather_full  # engine imports heavy deps; keep this module light
-
     return gather_full(chunks, ctx, value_of)

@@ -1,0 +1,76 @@
+"""A training checkpoint as one full-model fp32 state dict, offline (no process group).
+
+Every file is checked against the manifest first. The per-rank DeepSpeed model files
+(``ds/mp_rank_XX_model_states.pt``, XX = the TP x PP rank; the model part's manifest entry maps
+it to (tp_rank, pp_rank) and each stored name to its full-model name and TP partition dim) are
+read with weights_only=True; TP shards are merged (`megaret.checkpoint.merge.merge_tp`) and PP
+stages by name. The result (plus megatron's ``_extra_state`` entries, None) is what
+``RetNet(...).load_state_dict`` accepts in one process with the same config.
+
+bf16 runs give their bf16 model weights cast to fp32 (not the fp32 optimizer masters).
+ZeRO-3 checkpoints (parameters partitioned over DP) are not supported.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megaret.checkpoint.files import CheckpointError, resolve, verify
+from megaret.checkpoint.legacy import model_layout
+from megaret.checkpoint.merge import merge_named
+from megaret.checkpoint.safe import safe_load
+from megaret.config import Config
+from megaret.config.loader import apply_overrides, config_from_dict
+
+
+def consolidate(checkpoint: str | os.PathLike[str]) -> tuple[dict[str, Any], dict]:
+    """(full-model fp32 state dict, manifest) of a checkpoint, a checkpoints/ or a run directory
+    (then its newest checkpoint that verifies)."""
+    ckpt = resolve(Path(checkpoint))
+    manifest = verify(ckpt)
+    lay = model_layout(manifest)
+    if lay["zero_stage"] >= 3:
+        raise CheckpointError(f"{ckpt}: ZeRO-3 checkpoints partition the weights over data parallel; "
+                              "export supports parallel.zero_stage <= 2")
+    pieces: dict[str, dict[int, Any]] = {}  # full name -> tp_rank -> tensor (or _extra_state)
+    dims: dict[str, int | None] = {}
+    for mp, where in sorted(lay["mp_ranks"].items()):
+        path = ckpt / lay["deepspeed_dir"] / f"mp_rank_{mp}_model_states.pt"
+        module = safe_load(path)["module"]
+        names = lay["params"][mp]
+        unknown = sorted(set(module) - set(names))
+        if unknown:
+            raise CheckpointError(f"{path} holds {unknown[:3]} that the manifest does not map")
+        for key, (name, dim) in names.items():
+            if key not in module:
+                raise CheckpointError(f"{path} lacks {key}")
+            value = module[key]
+            dims[name] = dim
+            pieces.setdefault(name, {})[where["tp_rank"]] = value.float() if torch.is_tensor(value) else value
+    full = merge_named(pieces, dims, lay["tensor"], ckpt)
+    cut = lay["tensor"] > 1
+    # an uncut tensor is one rank's, as loaded: copy it out of the file's storage
+    return {k: v.clone() if torch.is_tensor(v) and not (cut and dims[k] is not None) else v
+            for k, v in full.items()}, manifest
+
+
+def checkpoint_config(manifest: dict, overrides: Sequence[str] = ()) -> Config:
+    """The resolved config a checkpoint was trained with, laid out for one process (consolidated
+    weights: parallel.tensor=pipeline=1), then `overrides` (``section.key=value``)."""
+    one = ["parallel.tensor=1", "parallel.pipeline=1", "parallel.virtual_pipeline=null",
+           "parallel.sequence_parallel=false"]
+    return config_from_dict(apply_overrides(manifest["config"], [*one, *overrides]))
+
+
+def load_checkpoint(
+    checkpoint: str | os.PathLike[str], overrides: Sequence[str] = ()
+) -> tuple[dict[str, torch.Tensor], Config, dict]:
+    """(consolidated fp32 state dict, one-process config, manifest) of a checkpoint, a
+    checkpoints/ or a run directory, in memory (megaret.generate / megaret.evaluate --checkpoint)."""
+    state, manifest = consolidate(checkpoint)
+    return state, checkpoint_config(manifest, overrides), manifest

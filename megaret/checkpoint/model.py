@@ -1,0 +1,103 @@
+"""The model and optimizer part: the DeepSpeed engine's own checkpoint files.
+
+``engine.save_checkpoint`` writes ``<checkpoint>/ds/`` (``mp_rank_XX_model_states.pt`` per TP x PP
+rank, ``zero_pp_rank_D_mp_rank_XX_optim_states.pt`` per DP x MP rank); the part's state, kept in
+the manifest under "model", is the layout that describes those files: the parallel sizes, ZeRO
+stage and precision, which (tp_rank, pp_rank) each ``mp_rank_XX`` is, and for each of its stored
+names the full-model name and TP partition dim (what offline consolidation and resharding need).
+DeepSpeed reads its files through `megaret.checkpoint.safe.safe_load` (weights_only). A
+checkpoint of another layout is resharded (`megaret.checkpoint.reshard`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from megaret.checkpoint.files import CheckpointError
+from megaret.checkpoint.merge import tp_dim
+from megaret.checkpoint.parts import Part
+from megaret.checkpoint.reshard import RESHARDABLE_ZERO, load_resharded, training_state
+from megaret.checkpoint.safe import install_safe_loading
+
+DS_TAG = "ds"  # DeepSpeed writes its files into <checkpoint>/ds/
+
+
+def check_layout(path: Path, saved: dict[str, Any], here: dict[str, Any]) -> bool:
+    """True when the saved layout differs from this run's (`here`: parallel sizes and ZeRO stage)
+    and can be resharded; raises for a change resharding cannot do."""
+    diff = {k: (saved.get(k), v) for k, v in here.items() if saved.get(k) != v}
+    if not diff:
+        return False
+    what = ", ".join(f"{k}: saved {a}, now {b}" for k, (a, b) in diff.items())
+    old = (f"tensor={saved.get('tensor')}, pipeline={saved.get('pipeline')}, "
+           f"virtual_pipeline={saved.get('virtual_pipeline')}, zero_stage={saved.get('zero_stage')}")
+    if saved.get("zero_stage") not in RESHARDABLE_ZERO or here["zero_stage"] not in RESHARDABLE_ZERO:
+        raise CheckpointError(f"{path} was saved with another parallel layout ({what}); resharding needs "
+                              f"ZeRO-1/2 on both sides: resume with the saved layout ({old}) or set "
+                              "parallel.zero_stage=1 on both runs")
+    return True
+
+
+class ModelOptimizer(Part):
+    """This rank's model chunks and the DeepSpeed ZeRO engine that holds their optimizer."""
+
+    shared = True
+
+    def __init__(self, engine: Any, chunks: list[Any], ctx: Any, zero_stage: int, precision: str) -> None:
+        self.engine, self.chunks, self.ctx = engine, chunks, ctx
+        self.zero_stage, self.precision = zero_stage, precision
+        install_safe_loading(engine)
+
+    def here(self) -> dict[str, Any]:
+        ctx = self.ctx
+        return {"world_size": ctx.world_size, "tensor": ctx.tp.size, "pipeline": ctx.pp_size,
+                "virtual_pipeline": ctx.virtual_pipeline, "data": ctx.dp_size, "zero_stage": self.zero_stage}
+
+    def _stored_names(self) -> dict[str, list]:
+        """DeepSpeed's module key -> [full-model name, TP partition dim] of this rank's tensors."""
+        params: dict[str, list] = {}
+        for v, chunk in enumerate(self.chunks):
+            own = dict(chunk.named_parameters())
+            for name in chunk.state_dict(keep_vars=True):  # parameters and megatron's _extra_state
+                p = own.get(name)
+                params[f"chunks.{v}.{name}"] = [chunk.global_name(name), None if p is None else tp_dim(p)]
+        return params
+
+    def save(self, directory: Path) -> dict[str, Any]:
+        self.engine.save_checkpoint(str(directory), tag=DS_TAG, save_latest=False)
+        ctx = self.ctx
+        # mp_rank: the TP x PP rank DeepSpeed names this rank's files by
+        mine = {"mp_rank": self.engine.checkpoint_mp_rank, "tp_rank": ctx.tp.rank,
+                "pp_rank": ctx.pp_rank, "dp_rank": ctx.dp_rank,
+                "params": self._stored_names() if ctx.dp_rank == 0 else None}
+        every: list[Any] = [None] * ctx.world_size
+        dist.all_gather_object(every, mine)
+        first = [r for r in every if r["dp_rank"] == 0]  # one copy of each TP x PP rank's files
+        return {
+            **self.here(), "precision": self.precision, "deepspeed_dir": DS_TAG,
+            "mp_ranks": {f"{r['mp_rank']:02d}": {k: r[k] for k in ("tp_rank", "pp_rank")} for r in first},
+            "params": {f"{r['mp_rank']:02d}": r["params"] for r in first},
+        }
+
+    def load(self, directory: Path, layout: dict[str, Any] | None) -> str | None:
+        if layout is None:
+            raise CheckpointError(f"{directory} holds no model layout")
+        if check_layout(directory, layout, self.here()):
+            return self._reshard(directory, layout)
+        load_path, _ = self.engine.load_checkpoint(
+            str(directory), tag=layout["deepspeed_dir"], load_module_strict=True, load_optimizer_states=True,
+            load_lr_scheduler_states=False)
+        if load_path is None:
+            raise CheckpointError(f"DeepSpeed found no checkpoint in {directory / layout['deepspeed_dir']}")
+        return None
+
+    def _reshard(self, directory: Path, layout: dict[str, Any]) -> str:
+        """Full fp32 weights and Adam moments rebuilt from the saved ZeRO shards, cut for this rank."""
+        ctx = self.ctx
+        names = {chunk.global_name(n) for chunk in self.chunks for n, _ in chunk.named_parameters()}
+        load_resharded(self.engine, self.chunks, ctx, training_state(directory, layout, names))
+        return (f"resharded {directory} from tensor={layout['tensor']} pipeline={layout['pipeline']} "
+                f"data={layout['data']} to tensor={ctx.tp.size} pipeline={ctx.pp_size} data={ctx.dp_size}")
