@@ -23,19 +23,29 @@ from pathlib import Path
 
 import torch
 
-from megaret.checkpoint.consolidate import consolidate
+from megaret.checkpoint.consolidate import checkpoint_config, consolidate
 from megaret.checkpoint.files import CheckpointError
+from megaret.models.spec import arch_spec
 
 
 def export(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
+    """Write FILE and FILE.json; raises CheckpointError (also when the consolidated weights do not
+    hold the parameter count the arch's spec gives for the checkpoint's config)."""
     state, manifest = consolidate(checkpoint)
+    model = checkpoint_config(manifest).model
+    n = sum(t.numel() for t in state.values() if torch.is_tensor(t))
+    expected = arch_spec(model.arch).param_count(model)
+    if n != expected:
+        raise CheckpointError(f"{checkpoint}: the consolidated weights hold {n} parameters, model.arch="
+                              f"{model.arch} with the saved config has {expected}: the checkpoint does not "
+                              "match its manifest")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     torch.save(state, tmp)
     os.replace(tmp, out)
     meta = {"step": manifest["trainer"]["step"], "tokens_seen": manifest["trainer"]["tokens_seen"],
-            "config": manifest["config"]}
+            "arch": model.arch, "parameters": n, "config": manifest["config"]}
     Path(f"{out}.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     return out
 
@@ -51,11 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as exc:
         print(f"export failed: {exc}", file=sys.stderr)
         return 1
-    state = torch.load(path, weights_only=True)
-    n = sum(t.numel() for t in state.values() if torch.is_tensor(t))
-    print(f"wrote {path}: {len(state)} tensors, {n} parameters (fp32)")
+    meta = json.loads(Path(f"{path}.json").read_text(encoding="utf-8"))
+    print(f"wrote {path}: {meta['parameters']} parameters (fp32, model.arch={meta['arch']}, "
+          f"step {meta['step']})")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -42,12 +42,12 @@ def check_layout(path: Path, saved: dict[str, Any], here: dict[str, Any]) -> boo
 
 
 class ModelOptimizer(Part):
-    """This rank's model chunks and the DeepSpeed ZeRO engine that holds their optimizer."""
+    """This rank's virtual stages and the DeepSpeed ZeRO engine that holds their optimizer."""
 
     shared = True
 
-    def __init__(self, engine: Any, chunks: list[Any], ctx: Any, zero_stage: int, precision: str) -> None:
-        self.engine, self.chunks, self.ctx = engine, chunks, ctx
+    def __init__(self, engine: Any, stages: list[Any], ctx: Any, zero_stage: int, precision: str) -> None:
+        self.engine, self.stages, self.ctx = engine, stages, ctx
         self.zero_stage, self.precision = zero_stage, precision
         install_safe_loading(engine)
 
@@ -59,11 +59,11 @@ class ModelOptimizer(Part):
     def _stored_names(self) -> dict[str, list]:
         """DeepSpeed's module key -> [full-model name, TP partition dim] of this rank's tensors."""
         params: dict[str, list] = {}
-        for v, chunk in enumerate(self.chunks):
-            own = dict(chunk.named_parameters())
-            for name in chunk.state_dict(keep_vars=True):  # parameters and megatron's _extra_state
+        for v, stage in enumerate(self.stages):
+            own = dict(stage.named_parameters())
+            for name in stage.state_dict(keep_vars=True):  # parameters and megatron's _extra_state
                 p = own.get(name)
-                params[f"chunks.{v}.{name}"] = [chunk.global_name(name), None if p is None else tp_dim(p)]
+                params[f"chunks.{v}.{name}"] = [stage.global_name(name), None if p is None else tp_dim(p)]
         return params
 
     def save(self, directory: Path) -> dict[str, Any]:
@@ -97,7 +97,7 @@ class ModelOptimizer(Part):
     def _reshard(self, directory: Path, layout: dict[str, Any]) -> str:
         """Full fp32 weights and Adam moments rebuilt from the saved ZeRO shards, cut for this rank."""
         ctx = self.ctx
-        names = {chunk.global_name(n) for chunk in self.chunks for n, _ in chunk.named_parameters()}
-        load_resharded(self.engine, self.chunks, ctx, training_state(directory, layout, names))
+        names = {stage.global_name(n) for stage in self.stages for n, _ in stage.named_parameters()}
+        load_resharded(self.engine, self.stages, ctx, training_state(directory, layout, names))
         return (f"resharded {directory} from tensor={layout['tensor']} pipeline={layout['pipeline']} "
                 f"data={layout['data']} to tensor={ctx.tp.size} pipeline={ctx.pp_size} data={ctx.dp_size}")

@@ -168,7 +168,7 @@ def _local(full: torch.Tensor, p: torch.nn.Parameter, tp_size: int, tp_rank: int
     return full
 
 
-def load_resharded(engine: Any, chunks: list[torch.nn.Module], ctx: Any, state: FullState) -> None:
+def load_resharded(engine: Any, stages: list[torch.nn.Module], ctx: Any, state: FullState) -> None:
     """Set this rank's parameters, ZeRO fp32 partition and Adam state from a layout-free state."""
     zopt = engine.optimizer
     if not (hasattr(zopt, "bit16_groups") and hasattr(zopt, "single_partition_of_fp32_groups")):
@@ -176,9 +176,9 @@ def load_resharded(engine: Any, chunks: list[torch.nn.Module], ctx: Any, state: 
                               f"{type(zopt).__name__} (zero_stage 0 or 3): use parallel.zero_stage=1")
     local: dict[int, dict[str, torch.Tensor]] = {}  # id(param) -> kind -> this rank's shard
     with torch.no_grad():
-        for chunk in chunks:
-            for n, p in chunk.named_parameters():
-                name = chunk.global_name(n)
+        for stage in stages:
+            for n, p in stage.named_parameters():
+                name = stage.global_name(n)
                 if name not in state.params:
                     raise CheckpointError(f"the checkpoint has no {name}")
                 kinds = {"param": state.params[name], **state.moments.get(name, {})}
@@ -207,7 +207,7 @@ def load_resharded(engine: Any, chunks: list[torch.nn.Module], ctx: Any, state: 
             setattr(engine, k, v)
 
 
-def full_optimizer_state(engine: Any, chunks: list[torch.nn.Module], ctx: Any,
+def full_optimizer_state(engine: Any, stages: list[torch.nn.Module], ctx: Any,
                          key: str) -> dict[str, torch.Tensor]:
     """Adam's `key` (exp_avg, exp_avg_sq) of every parameter of the full model, on every rank
     (summed over the DP partitions, then gathered over TP and PP); collective.
@@ -229,4 +229,4 @@ def full_optimizer_state(engine: Any, chunks: list[torch.nn.Module], ctx: Any,
             buf.narrow(0, lpa.start, lpa.numel).copy_(src.narrow(0, hpa.start, hpa.numel))
         dist.all_reduce(buf, group=ctx.dp_group)
         return buf.view(p.shape)
-    return gather_full(chunks, ctx, value_of)
+    return gather_full(stages, ctx, value_of)

@@ -50,7 +50,7 @@ class Layout:
     world: int
     tp: int
     pp: int
-    vp: int  # model chunks per pipeline stage (1 without interleaving)
+    vp: int  # virtual stages per pipeline rank (1 without interleaving)
     dp: int
     micro_batch_size: int  # sequences per rank per forward/backward
     micro_batches: int  # forward/backward passes per optimizer step on each rank

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 def stage_layers(num_layers: int, pp_size: int, pp_rank: int, vp_size: int = 1, vp_rank: int = 0
                  ) -> tuple[list[int], bool, bool]:
-    """(global layer indices, pre_process, post_process) of one pipeline model chunk.
+    """(global layer indices, pre_process, post_process) of one virtual pipeline stage
+    (megatron's "model chunk").
 
     Megatron's interleaved layout: virtual stage s = vp_rank * pp_size + pp_rank holds the
     s-th contiguous slice of num_layers / (pp_size * vp_size) layers.
@@ -19,6 +20,6 @@ def stage_layers(num_layers: int, pp_size: int, pp_rank: int, vp_size: int = 1, 
 
 
 def rank_layers(num_layers: int, pp_size: int, pp_rank: int, vp_size: int = 1) -> list[int]:
-    """Every layer one pipeline rank holds: its model chunks' layers, in chunk order."""
+    """Every layer one pipeline rank holds: its virtual stages' layers, in order."""
     return [i for vp_rank in range(vp_size)
             for i in stage_layers(num_layers, pp_size, pp_rank, vp_size, vp_rank)[0]]

@@ -15,13 +15,16 @@ from megaret.parallel.context import destroy_parallel_context
 from megaret.train.trainer import Trainer, TrainingError
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="a YAML under configs/ (or a run dir)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = arguments(argv)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:

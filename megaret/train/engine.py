@@ -55,16 +55,18 @@ class MegatronMPU:
 
 
 class StageModules(nn.Module):
-    """This rank's model chunks (one, or several with an interleaved schedule) as one module
-    for DeepSpeed; megatron's schedules get the chunks themselves."""
+    """This rank's virtual stages (one, or several with an interleaved schedule) as one module
+    for DeepSpeed; megatron's schedules get the stages themselves."""
 
-    def __init__(self, chunks: list[nn.Module]) -> None:
+    def __init__(self, stages: list[nn.Module]) -> None:
         super().__init__()
-        self.chunks = nn.ModuleList(chunks)
+        # (named `chunks`, megatron's word, because DeepSpeed's checkpoint files key every
+        # parameter by it: chunks.<virtual stage>.<name>)
+        self.chunks = nn.ModuleList(stages)
 
-    def forward(self, *args, **kwargs):  # the PP=1 engine path: one chunk holds the whole model
+    def forward(self, *args, **kwargs):  # the PP=1 engine path: one stage holds the whole model
         if len(self.chunks) != 1:
-            raise RuntimeError("StageModules.forward runs only a single-chunk (PP=1) model")
+            raise RuntimeError("StageModules.forward runs only a single-stage (PP=1) model")
         return self.chunks[0](*args, **kwargs)
 
 
@@ -78,23 +80,23 @@ def micro_batches_per_step(cfg: Config, dp_size: int) -> int:
 
 
 def build_stage_modules(cfg: Config, ctx: ParallelContext) -> list[nn.Module]:
-    """The model chunks this rank holds (any model.arch, built through its spec), initialised
+    """The virtual stages this rank holds (any model.arch, built through its spec), initialised
     exactly like the same layers of the full model. (The config already refused what the
     trainer cannot run: Config.validate.)"""
     bf16 = cfg.train.precision == "bf16"
     config = megatron_config(cfg.model, cfg.parallel, torch.bfloat16 if bf16 else torch.float32, bf16=bf16)
     vp = cfg.parallel.virtual_pipeline or 1
-    chunks = []
+    stages = []
     for v in range(vp):
         layers, pre, post = stage_layers(cfg.model.num_layers, ctx.pp_size, ctx.pp_rank, vp, v)
-        torch.manual_seed(cfg.train.seed)  # every chunk draws the same base seed as the full model
-        chunk = build_model(cfg.model, config, ctx.tp, pre_process=pre, post_process=post, layers=layers)
-        chunk.vp_stage = v if vp > 1 else None  # megatron's interleaved schedule checks it
-        chunk.recompute = cfg.train.recompute
+        torch.manual_seed(cfg.train.seed)  # every stage draws the same base seed as the full model
+        stage = build_model(cfg.model, config, ctx.tp, pre_process=pre, post_process=post, layers=layers)
+        stage.vp_stage = v if vp > 1 else None  # megatron's interleaved schedule checks it
+        stage.recompute = cfg.train.recompute
         # the step function passes batch.doc_start to the model (resets inside packed samples)
-        chunk.doc_resets = cfg.data.reset_at_doc_boundaries
-        chunks.append(chunk.to(ctx.device))
-    return chunks
+        stage.doc_resets = cfg.data.reset_at_doc_boundaries
+        stages.append(stage.to(ctx.device))
+    return stages
 
 
 def _param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
@@ -119,8 +121,8 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict:
     }
 
 
-def build_engine(cfg: Config, ctx: ParallelContext, chunks: list[nn.Module]):
-    """deepspeed.initialize over this rank's chunks with a client AdamW; returns the engine."""
+def build_engine(cfg: Config, ctx: ParallelContext, stages: list[nn.Module]):
+    """deepspeed.initialize over this rank's stages with a client AdamW; returns the engine."""
     # the config refused these already; the layout the engine really gets is checked by the same code
     if message := zero_pipeline_refusal(cfg.parallel.zero_stage, ctx.pp_size, cfg.optimizer.clip_grad):
         raise ConfigError(message)
@@ -131,7 +133,7 @@ def build_engine(cfg: Config, ctx: ParallelContext, chunks: list[nn.Module]):
     deepspeed.utils.logger.setLevel(logging.WARNING)
     os.environ.setdefault("LOCAL_RANK", str(ctx.local_rank))  # a plain one-process run lacks it
     deepspeed.init_distributed(dist_backend=ctx.backend)
-    module = StageModules(chunks)
+    module = StageModules(stages)
     opt = cfg.optimizer
     optimizer = torch.optim.AdamW(_param_groups(module, opt.weight_decay), lr=opt.lr,
                                   betas=tuple(opt.betas), eps=opt.eps)

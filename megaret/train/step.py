@@ -13,8 +13,8 @@ gradient is exactly that of sum(loss * mask) / N, whatever the micro-batch split
 all-ones mask this is the plain mean.
 
 Carried state (stateful `data.packing=segments` training): a `StateCarry` holds, for each
-model chunk, the recurrent state of that chunk's layers after its last micro-batch, detached,
-and feeds it to the chunk's next one (consecutive micro-batches and steps are consecutive
+virtual stage, the recurrent state of that stage's layers after its last micro-batch, detached,
+and feeds it to the stage's next one (consecutive micro-batches and steps are consecutive
 segments of the same slots). Under a pipeline each stage keeps the state of the layers it
 owns: a stage runs its micro-batches in order whatever the schedule, and no gradient crosses
 the carry, so the 1F1B and interleaved orders need nothing more. Slots whose `reset` flag is
@@ -50,16 +50,16 @@ class StepResult:
 
 
 class StateCarry:
-    """Per model chunk (pipeline stage or virtual stage), the recurrent state its last micro-batch
+    """Per virtual stage (pipeline stage or virtual stage), the recurrent state its last micro-batch
     left for the next one (no gradient flows through it). Uses only the state protocol."""
 
     def __init__(self, state_type: type[StackState]) -> None:
         self.state_type = state_type  # what load_state_dict rebuilds (the arch spec's state class)
-        self.state: dict[int, StackState] = {}  # chunk index -> its layers' state
+        self.state: dict[int, StackState] = {}  # stage index -> its layers' state
 
-    def take(self, chunk: int, reset: torch.Tensor | None, batch_size: int) -> StackState | None:
-        """The state chunk `chunk` starts this micro-batch from; slots with `reset` (B,) start fresh."""
-        state = self.state.get(chunk)
+    def take(self, stage: int, reset: torch.Tensor | None, batch_size: int) -> StackState | None:
+        """The state stage `stage` starts this micro-batch from; slots with `reset` (B,) start fresh."""
+        state = self.state.get(stage)
         if state is None:
             return None
         if state.batch_size != batch_size:
@@ -70,8 +70,8 @@ class StateCarry:
             return None  # every slot restarts: a fresh sequence, positions from 0
         return state.reset(reset)
 
-    def put(self, chunk: int, state: StackState | None) -> None:
-        self.state[chunk] = None if state is None else state.detach()
+    def put(self, stage: int, state: StackState | None) -> None:
+        self.state[stage] = None if state is None else state.detach()
 
     def clear(self) -> None:
         self.state = {}
@@ -80,17 +80,17 @@ class StateCarry:
 
     def state_dict(self) -> dict[int, dict | None]:
         """Tensors and plain containers (loadable with torch.load(weights_only=True))."""
-        return {chunk: None if s is None else s.state_dict() for chunk, s in self.state.items()}
+        return {stage: None if s is None else s.state_dict() for stage, s in self.state.items()}
 
     def load_state_dict(self, saved: dict | None, device: torch.device | str | None = None) -> None:
         """The form `state_dict` writes, or that of format-1 checkpoints (packed dataclasses)."""
         saved = legacy_fields(saved or {})
-        self.state = {int(chunk): None if s is None else self.state_type.from_state_dict(s, device)
-                      for chunk, s in saved.items()}
+        self.state = {int(stage): None if s is None else self.state_type.from_state_dict(s, device)
+                      for stage, s in saved.items()}
 
 
-def chunk_index(model: nn.Module) -> int:
-    """Which of this rank's model chunks `model` is (its virtual stage; 0 without interleaving)."""
+def stage_index(model: nn.Module) -> int:
+    """Which of this rank's virtual stages `model` is (its virtual stage; 0 without interleaving)."""
     return getattr(model, "vp_stage", None) or 0
 
 
@@ -105,7 +105,7 @@ def _loss_func(mask: torch.Tensor, scale: float, per_token: torch.Tensor):
 
 def _model_kwargs(model: nn.Module, batch: Batch) -> dict:
     """Extra forward arguments: the document starts inside each sample when the trainer resets
-    there (data.reset_at_doc_boundaries; the engine tags the chunks)."""
+    there (data.reset_at_doc_boundaries; the engine tags the stages)."""
     if getattr(model, "doc_resets", False) and batch.doc_start is not None:
         return {"doc_start": batch.doc_start.bool()}
     return {}
@@ -115,7 +115,7 @@ def _forward_step(scale: float, carry: StateCarry | None, data_iterator, model):
     batch: Batch = next(data_iterator)
     kwargs = _model_kwargs(model, batch)
     if carry is not None:
-        key = chunk_index(model)
+        key = stage_index(model)
         state = carry.take(key, batch.reset, batch.tokens.shape[0])
         out = model(batch.tokens, batch.labels, state=state, return_state=True, **kwargs)
         if isinstance(out, tuple):  # a non-last stage: (hidden states, its layers' state)
@@ -144,12 +144,12 @@ def _dp_sum(value: float, ctx: ParallelContext) -> float:
     return t.item()
 
 
-def allreduce_sequence_parallel_grads(chunks: list[nn.Module], ctx: ParallelContext) -> None:
+def allreduce_sequence_parallel_grads(stages: list[nn.Module], ctx: ParallelContext) -> None:
     """Sum over TP the gradients of parameters tagged `sequence_parallel` (norms seeing one
     sequence shard each), as megatron's finalize_model_grads does."""
     if ctx.tp.size == 1:
         return
-    grads = [p.grad for c in chunks for p in c.parameters()
+    grads = [p.grad for c in stages for p in c.parameters()
              if getattr(p, "sequence_parallel", False) and p.grad is not None]
     if not grads:
         return
@@ -161,7 +161,7 @@ def allreduce_sequence_parallel_grads(chunks: list[nn.Module], ctx: ParallelCont
         offset += g.numel()
 
 
-def train_step(engine, chunks: list[nn.Module], ctx: ParallelContext, batch: Batch, micro_batch_size: int,
+def train_step(engine, stages: list[nn.Module], ctx: ParallelContext, batch: Batch, micro_batch_size: int,
                lr: float, zero_stage: int, carry: StateCarry | None = None) -> StepResult:
     """batch: (B, T) tensors, this DP rank's share of the global batch."""
     for group in engine.optimizer.param_groups:
@@ -170,12 +170,12 @@ def train_step(engine, chunks: list[nn.Module], ctx: ParallelContext, batch: Bat
     n_tokens = _dp_sum(float(batch.loss_mask.sum()), ctx)
     scale = len(micro) * ctx.dp_size / max(n_tokens, 1.0)
     if zero_stage >= 2:
-        if len(chunks) != 1 or ctx.pp_size != 1:
+        if len(stages) != 1 or ctx.pp_size != 1:
             raise ValueError(f"parallel.zero_stage={zero_stage} needs parallel.pipeline=1")
         total = 0.0
         for mb in micro:
             state = carry.take(0, mb.reset, mb.tokens.shape[0]) if carry is not None else None
-            out = engine(mb.tokens, mb.labels, state=state, **_model_kwargs(chunks[0], mb))
+            out = engine(mb.tokens, mb.labels, state=state, **_model_kwargs(stages[0], mb))
             if carry is not None:
                 carry.put(0, out.state)
             loss, _ = _loss_func(mb.loss_mask, scale, out.loss)
@@ -184,16 +184,16 @@ def train_step(engine, chunks: list[nn.Module], ctx: ParallelContext, batch: Bat
             total += loss.item()
         local, holds_loss = total / len(micro), ctx.tp.rank == 0
     else:
-        model = chunks if len(chunks) > 1 else chunks[0]
-        iters = [iter(micro) for _ in chunks]
-        data_iterator = iters if len(chunks) > 1 else iters[0]
+        model = stages if len(stages) > 1 else stages[0]
+        iters = [iter(micro) for _ in stages]
+        data_iterator = iters if len(stages) > 1 else iters[0]
         engine.set_gradient_accumulation_boundary(False)
         losses = get_forward_backward_func()(
             forward_step_func=partial(_forward_step, scale, carry), data_iterator=data_iterator, model=model,
             num_microbatches=len(micro), seq_length=batch.tokens.shape[1], micro_batch_size=micro_batch_size,
             forward_only=False,
         )
-        allreduce_sequence_parallel_grads(chunks, ctx)
+        allreduce_sequence_parallel_grads(stages, ctx)
         engine.set_gradient_accumulation_boundary(True)
         engine.allreduce_gradients()
         engine.step()
@@ -209,26 +209,26 @@ def train_step(engine, chunks: list[nn.Module], ctx: ParallelContext, batch: Bat
     return StepResult(loss=loss, grad_norm=norm, lr=lr, skipped=not applied, tokens=int(n_tokens))
 
 
-def eval_step(chunks: list[nn.Module], ctx: ParallelContext, batches: list[Batch], micro_batch_size: int,
+def eval_step(stages: list[nn.Module], ctx: ParallelContext, batches: list[Batch], micro_batch_size: int,
               carry: StateCarry | None = None) -> float:
     """Mean masked per-token loss over `batches` (this DP rank's shares; averaged over DP by
     token count): forward only, through the same megatron schedule, dropout off, no grad."""
     micro = [mb for b in batches for mb in b.to(ctx.device).split(micro_batch_size)]
-    modes = [c.training for c in chunks]
-    for c in chunks:
+    modes = [c.training for c in stages]
+    for c in stages:
         c.eval()
     try:
         with torch.no_grad():
-            model = chunks if len(chunks) > 1 else chunks[0]
-            iters = [iter(micro) for _ in chunks]
+            model = stages if len(stages) > 1 else stages[0]
+            iters = [iter(micro) for _ in stages]
             out = get_forward_backward_func()(
                 forward_step_func=partial(_forward_step, 1.0, carry),
-                data_iterator=iters if len(chunks) > 1 else iters[0], model=model,
+                data_iterator=iters if len(stages) > 1 else iters[0], model=model,
                 num_microbatches=len(micro), seq_length=batches[0].tokens.shape[1],
                 micro_batch_size=micro_batch_size, forward_only=True,
             )
     finally:
-        for c, m in zip(chunks, modes, strict=True):
+        for c, m in zip(stages, modes, strict=True):
             c.train(m)
     holds = ctx.is_last_stage and ctx.tp.rank == 0
     t = torch.tensor([sum(d["sum"].item() for d in out), sum(d["count"].item() for d in out)]

@@ -36,8 +36,8 @@ class Trainer:
         self.ctx = build_parallel_context(p.tensor, p.pipeline, p.virtual_pipeline, seed=cfg.train.seed,
                                          timeout_s=cfg.train.collective_timeout_s)
         cfg.validate_world(self.ctx.world_size)
-        self.chunks = build_stage_modules(cfg, self.ctx)
-        self.engine = build_engine(cfg, self.ctx, self.chunks)
+        self.stages = build_stage_modules(cfg, self.ctx)
+        self.engine = build_engine(cfg, self.ctx, self.stages)
         self.batches = batches or self._batch_source()
         if self.ctx.rank == 0:
             save_config(cfg, cfg.run.dir)
@@ -65,7 +65,7 @@ class Trainer:
         }
         if self.carry is not None:
             parts["carry"] = CarriedStates(self.carry, ctx)
-        parts["model"] = ModelOptimizer(self.engine, self.chunks, ctx, cfg.parallel.zero_stage,
+        parts["model"] = ModelOptimizer(self.engine, self.stages, ctx, cfg.parallel.zero_stage,
                                         cfg.train.precision)
         parts["rng"] = RNG()
         return parts
@@ -150,7 +150,7 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean loss over train.eval_steps held-out batches, logged as eval/loss and eval/ppl."""
         carry = StateCarry(self._state_class()) if self.carry is not None else None
-        loss = eval_step(self.chunks, self.ctx, self._eval_batches(), self.cfg.train.micro_batch_size, carry)
+        loss = eval_step(self.stages, self.ctx, self._eval_batches(), self.cfg.train.micro_batch_size, carry)
         self.metrics.log_eval(self.step, loss)
         return loss
 
@@ -183,7 +183,7 @@ class Trainer:
             if not isinstance(batch, Batch):  # a (tokens, labels) source
                 batch = Batch.of(*batch)
             lr = learning_rate(self.step, cfg.optimizer, cfg.train.steps)
-            result = train_step(self.engine, self.chunks, self.ctx, batch, cfg.train.micro_batch_size,
+            result = train_step(self.engine, self.stages, self.ctx, batch, cfg.train.micro_batch_size,
                                 lr, cfg.parallel.zero_stage, self.carry)
         tokens_per_s = cfg.train.global_batch_size * cfg.data.seq_length / timer.seconds
         if result.skipped:
@@ -237,7 +237,7 @@ class Trainer:
 
     def full_parameters(self):
         """The full model's parameters (gathered over TP and PP) on every rank."""
-        return full_parameters(self.chunks, self.ctx)
+        return full_parameters(self.stages, self.ctx)
 
     def close(self) -> None:
         if getattr(self, "_profiler", None):  # a run shorter than the profiled steps

@@ -46,7 +46,7 @@ def trainer_at(run_dir: Path, tp: int, pp: int) -> Trainer:
 
 def snapshot(t: Trainer) -> dict:
     """Full weights and Adam moments (collective)."""
-    moments = {m: full_optimizer_state(t.engine, t.chunks, t.ctx, m) for m in MOMENTS}
+    moments = {m: full_optimizer_state(t.engine, t.stages, t.ctx, m) for m in MOMENTS}
     return {"params": t.full_parameters(), **moments}
 
 

@@ -94,7 +94,7 @@ def loss_mask_checks() -> dict:
     # step 1's loss from the initial model: sum(loss * mask) / sum(mask)
     fresh = run(["train.micro_batch_size=4", "train.steps=3"], ListBatches(data), steps=0)["trainer"]
     with torch.no_grad():
-        per_token = fresh.chunks[0](data[0].tokens, data[0].labels).loss
+        per_token = fresh.stages[0](data[0].tokens, data[0].labels).loss
     direct = ((per_token * data[0].loss_mask).sum() / data[0].loss_mask.sum()).item()
     unmasked = per_token.mean().item()
     return {"split_1_vs_4": compare(one, four), "first_loss": one["losses"][0], "direct_masked": direct,
@@ -141,14 +141,14 @@ def stateful_checks(config: str = "configs/tiny.yaml", ignore_resets: bool = Fal
         trainer = Trainer(cfg, ListBatches(batches))
         if not carried:
             trainer.carry = None
-        losses = [train_step(trainer.engine, trainer.chunks, trainer.ctx, b, 2, 0.0, 1, trainer.carry).loss
+        losses = [train_step(trainer.engine, trainer.stages, trainer.ctx, b, 2, 0.0, 1, trainer.carry).loss
                   for b in batches]
         out["carried" if carried else "not_carried"] = losses
         if ignore_resets:
             no_reset = [Batch(b.tokens, b.labels, b.loss_mask, reset=torch.zeros_like(b.reset))
                         for b in batches]
             carry = StateCarry()
-            out["resets_ignored"] = [train_step(trainer.engine, trainer.chunks, trainer.ctx, b, 2, 0.0, 1,
+            out["resets_ignored"] = [train_step(trainer.engine, trainer.stages, trainer.ctx, b, 2, 0.0, 1,
                                                 carry).loss for b in no_reset]
             ignore_resets = False
         tp = trainer.ctx.tp
@@ -174,7 +174,7 @@ def recompute_checks() -> dict:
 def bf16_checks() -> dict:
     r = run(["train.precision=bf16", "train.steps=12", "optimizer.lr=3.0e-3", "optimizer.warmup_steps=2",
              "train.micro_batch_size=2"])
-    dtypes = sorted({str(p.dtype) for p in r["trainer"].chunks[0].parameters()})
+    dtypes = sorted({str(p.dtype) for p in r["trainer"].stages[0].parameters()})
     return {"losses": r["losses"], "param_dtypes": dtypes}
 
 
@@ -218,7 +218,7 @@ def layouts() -> dict:
         r = run([*common, *overrides, *(brt if "model.arch=brt" in overrides else [])])
         runs[name] = {k: r[k] for k in ("losses", "params", "evals")}
         runs[name]["sp_tagged"] = sum(getattr(p, "sequence_parallel", False)
-                                      for c in r["trainer"].chunks for p in c.parameters())
+                                      for c in r["trainer"].stages for p in c.parameters())
         del r
         gc.collect()
     for name in specs:

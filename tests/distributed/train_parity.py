@@ -80,9 +80,9 @@ def layouts(ref_path: str, specs: list[str]) -> dict:
         ctx = trainer.ctx
         key = f"tp{tp}-pp{pp}-vp{vp}-dp{ctx.dp_size}-zero{zero}"
         entry = compare(losses, params, ref["losses"], ref["params"])
-        entry["chunks"] = len(trainer.chunks)
+        entry["chunks"] = len(trainer.stages)
         entry["init_rel"] = max(rel(init[k], ref["init"][k]) for k in ref["init"])
-        local = sum(p.numel() for c in trainer.chunks for p in c.parameters())
+        local = sum(p.numel() for c in trainer.stages for p in c.parameters())
         entry["adam_state_per_local_param"] = optimizer_state_numel(trainer.engine) / (2 * local)
         report[key] = entry
         del trainer
@@ -99,7 +99,7 @@ def nan_checks(zero: int) -> dict:
     def poison(module, args, output):
         return output * float("nan") if trainer.step in bad_steps and dist.get_rank() == 0 else output
 
-    trainer.chunks[0].embedding.register_forward_hook(poison)
+    trainer.stages[0].embedding.register_forward_hook(poison)
     results, before_bad = [], None
     for _ in range(cfg.train.steps):
         if trainer.step + 1 == 4:
@@ -118,7 +118,7 @@ def nan_checks(zero: int) -> dict:
                                                           "train.max_consecutive_skips=3"]))
     bad_steps.update(range(2, 11))
     trainer = trainer2  # the hook reads `trainer.step`
-    trainer2.chunks[0].embedding.register_forward_hook(poison)
+    trainer2.stages[0].embedding.register_forward_hook(poison)
     try:
         trainer2.train()
         out["stopped"] = None

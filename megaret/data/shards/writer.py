@@ -86,11 +86,11 @@ class _SplitWriter:
             self.doc_table.append([self.n_samples, n_seg])
             doc = len(self.doc_table) - 1
             for s in range(n_seg):
-                chunk = toks[s * L : s * L + L + 1]
-                n = len(chunk)
+                segment = toks[s * L : s * L + L + 1]
+                n = len(segment)
                 if n < L + 1:
-                    chunk = np.concatenate([chunk, np.full(L + 1 - n, self.tok.eos_id, dtype=np.int64)])
-                self._emit(chunk, {"doc": doc, "seg": s, "n": n}, n)
+                    segment = np.concatenate([segment, np.full(L + 1 - n, self.tok.eos_id, dtype=np.int64)])
+                self._emit(segment, {"doc": doc, "seg": s, "n": n}, n)
 
     def close(self) -> dict[str, Any]:
         """Finish the tars (the packed tail shorter than one sample is dropped); describe the split."""
