@@ -32,12 +32,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from megaret.config.schema import Packing, choices
 from megaret.data.errors import DataError, existing_file
 
 MANIFEST = "manifest.json"
 FORMAT = "megaret-shards"
 VERSION = 1
-MODES = ("packed", "segments")
+MODES = choices(Packing)  # data.packing
 SPLITS = ("train", "valid")
 
 

@@ -13,6 +13,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+from megaret.config.schema import OnCorrupt, choices
 from megaret.data.errors import DataError
 from megaret.data.shards.layout import is_remote, join_location, load_manifest, sha256_file
 from megaret.data.shards.reader import ShardInfo, ShardSet
@@ -93,8 +94,8 @@ def open_split(
     ``stamp_dir``: where verifications are remembered (see :func:`verified_digest`); None
     hashes every shard.
     """
-    if on_corrupt not in ("error", "skip"):
-        raise DataError(f"on_corrupt={on_corrupt!r} is not one of error, skip")
+    if on_corrupt not in choices(OnCorrupt):
+        raise DataError(f"on_corrupt={on_corrupt!r} is not one of {', '.join(choices(OnCorrupt))}")
     manifest, loc = load_manifest(location)
     if split not in manifest["splits"]:
         raise DataError(f"manifest {loc} has no split {split!r} (has {', '.join(manifest['splits'])})")
