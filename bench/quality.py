@@ -100,15 +100,14 @@ def match_ffn(arch: str, args: argparse.Namespace, target: int) -> tuple[int, in
 
 
 def refusal(arch: str, overrides: list[str]) -> str | None:
-    """Why the trainer would refuse this config (its own checks), or None."""
+    """Why the trainer would refuse this config (its own checks: Config.validate at load, the
+    world-size checks), or None."""
     from megaret.config import ConfigError, load_config
-    from megaret.train.engine import check_training_features
 
     try:
         cfg = load_config(REPO / ARCHS[arch][0], overrides)
         cfg.validate_world(1)
-        check_training_features(cfg)
-    except (ConfigError, ValueError) as exc:
+    except ConfigError as exc:
         return str(exc)
     return None
 

@@ -22,7 +22,11 @@ from tests.conftest import run_distributed
 
 LOSS_TOL = 1e-5
 PARAM_TOL = 1e-5
-PARAM_MAX_TOL = 1e-3  # worst single tensor (see tests/test_train.py)
+# worst single tensor, max-abs relative (see tests/test_train.py: Adam turns rounding noise in
+# near-zero gradients into O(lr) updates of a few elements). BRT's [self; cross] output projection
+# measures 1.24e-3 / 1.28e-3 at TP=2 on an AMD EPYC host (bit-identical before and after the arch
+# refactor, a1522b7), under 1e-3 on others; the norm-relative and loss tolerances stay 1e-5.
+PARAM_MAX_TOL = 2e-3
 
 ARCH_CFGS = {
     "brt": ("configs/brt-tiny.yaml", ["model.num_layers=4", "model.recurrent_layers=[1]"]),

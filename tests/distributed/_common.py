@@ -34,6 +34,7 @@ def compare(losses: list[float], params: dict, ref_losses: list[float], ref_para
         "loss_rel": max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses, strict=True)),
         "param_rel_norm": norm_rel(params, ref_params),
         "param_rel_max": max(rel(params[k], ref_params[k]) for k in ref_params),  # worst tensor, max-abs
+        "worst_param": max(ref_params, key=lambda k: rel(params[k], ref_params[k])),
     }
 
 

@@ -147,7 +147,7 @@ def stateful_checks(config: str = "configs/tiny.yaml", ignore_resets: bool = Fal
         if ignore_resets:
             no_reset = [Batch(b.tokens, b.labels, b.loss_mask, reset=torch.zeros_like(b.reset))
                         for b in batches]
-            carry = StateCarry()
+            carry = StateCarry(trainer.carry.state_type)
             out["resets_ignored"] = [train_step(trainer.engine, trainer.stages, trainer.ctx, b, 2, 0.0, 1,
                                                 carry).loss for b in no_reset]
             ignore_resets = False
