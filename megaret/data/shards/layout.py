@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -47,16 +48,30 @@ def sha256_file(path: str | Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-
 def is_remote(loc: str) -> bool:
     return "://" in loc or loc.startswith("pipe:")
 
 
-def join_location(base: str, name: str) -> str:
-    """Shard location next to the manifest (works for paths, URLs and trailing-path pipe: commands)."""
-    if is_remote(name) or name.startswith("/"):
-        return name
-    return base.rsplit("/", 1)[0] + "/" + name if "/" in base else name
+#: a shard name in a manifest: one plain file name (letters, digits, ``._-``; no leading dot or dash)
+SHARD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+
+
+def shard_location(manifest_loc: str, split: str, name: object) -> str:
+    """Where shard ``name`` of ``split`` lives: beside the manifest at ``manifest_loc``.
+
+    ``name`` comes from the manifest's contents, which may have been fetched from anywhere, so it
+    must be a plain file name inside the manifest's own folder or base URL: no scheme (``pipe:``
+    would run a shell command, ``file:``/``http:`` would leave the folder), no absolute path, no
+    ``..``, no separators, nothing a shell or URL would interpret. Only the manifest location
+    itself (``data.paths``, written by the user) may be a URL or a ``pipe:`` command whose trailing
+    path is replaced by the name.
+    """
+    if not isinstance(name, str) or not SHARD_NAME.fullmatch(name):
+        raise DataError(
+            f"manifest {manifest_loc} split {split!r} lists shard {name!r}: shard names in a manifest "
+            "must be plain file names inside its folder; rebuild the shards with data_tools/build_shards.py"
+        )
+    return manifest_loc.rsplit("/", 1)[0] + "/" + name if "/" in manifest_loc else name
 
 
 def load_manifest(location: str | Path) -> tuple[dict[str, Any], str]:

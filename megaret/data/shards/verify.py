@@ -15,7 +15,7 @@ from pathlib import Path
 
 from megaret.config.schema import OnCorrupt, choices
 from megaret.data.errors import DataError
-from megaret.data.shards.layout import is_remote, join_location, load_manifest, sha256_file
+from megaret.data.shards.layout import is_remote, load_manifest, sha256_file, shard_location
 from megaret.data.shards.reader import ShardInfo, ShardSet
 from megaret.data.tokenizer import Tokenizer
 
@@ -108,9 +108,10 @@ def open_split(
                 "use that tokenizer.json or rebuild"
             )
     cache = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "megaret" / "shards"
+    entries = manifest["splits"][split]["shards"]
+    wheres = [shard_location(loc, split, entry.get("name")) for entry in entries]  # all, before any is read
     shards, skipped = [], []
-    for entry in manifest["splits"][split]["shards"]:
-        where = join_location(loc, entry["name"])
+    for entry, where in zip(entries, wheres, strict=True):
         if is_remote(where):
             local = _fetch(where, entry["sha256"], cache)
         else:
