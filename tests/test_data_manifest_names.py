@@ -104,3 +104,15 @@ def test_plain_manifest_still_opens(tiny, tmp_path) -> None:
     assert s.num_samples > 0 and all(sh.local == str(tiny.parent / sh.name) for sh in s.shards)
     batch = next(iter(build_loader(_cfg(tiny, tmp_path), dp_rank=0, dp_size=1)))
     assert batch["tokens"].shape == (2, 16)
+
+
+def test_remote_manifest_sha_cannot_name_a_file_outside_the_cache(tiny, tmp_path) -> None:
+    """A fetched shard is cached under its manifest sha256: that field must be 64 hex digits."""
+    dst = tmp_path / "copy"
+    shutil.copytree(tiny.parent, dst)
+    m = json.loads((dst / "manifest.json").read_text())
+    m["splits"]["train"]["shards"][0]["sha256"] = "../../escaped"
+    (dst / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DataError, match="sha256 '../../escaped' is not 64 hex digits"):
+        open_split(f"pipe:cat {dst / 'manifest.json'}", "train", cache_dir=tmp_path / "cache" / "a" / "b")
+    assert not list(tmp_path.rglob("escaped*"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -19,11 +20,16 @@ from megaret.data.shards.layout import is_remote, load_manifest, sha256_file, sh
 from megaret.data.shards.reader import ShardInfo, ShardSet
 from megaret.data.tokenizer import Tokenizer
 
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
 
 def _fetch(loc: str, sha: str, cache_dir: Path) -> Path:
     """Copy a remote shard (URL or pipe:) into the cache, named by its expected hash."""
     import webdataset as wds
 
+    if not (isinstance(sha, str) and SHA256_HEX.fullmatch(sha)):  # it names the cached file
+        raise DataError(f"shard {loc}: its manifest sha256 {sha!r} is not 64 hex digits; rebuild the shards "
+                        "with data_tools/build_shards.py")
     cache_dir.mkdir(parents=True, exist_ok=True)
     dest = cache_dir / f"{sha}.tar"
     if dest.exists():
