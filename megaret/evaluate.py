@@ -11,6 +11,8 @@ Documents of the split (default valid) are reassembled from the shards (--data, 
 configured data.paths or the embedded default corpus), truncated to --context tokens and
 streamed --chunk tokens (the evaluation window) at a time; memory stays flat in the document
 length (except the causal Transformer's KV cache). Prints a loss table by position bucket, then one JSON line.
+--context and --chunk must be positive; a run that scores no token (e.g. no document of the
+split longer than --min-doc-tokens) exits 1 with one line saying why.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ import json
 import math
 
 from megaret.data import open_split, resolve_manifests
-from megaret.infer.loading import add_model_args, load_model, run_entry
-from megaret.infer.perplexity import evaluate_documents, iter_documents
+from megaret.infer.loading import InferenceError, add_model_args, load_model, run_entry
+from megaret.infer.perplexity import check_window, evaluate_documents, iter_documents
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -41,12 +43,32 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _evaluate(args: argparse.Namespace) -> dict:
+    check_window(args.context, args.chunk)  # before loading
+    if args.max_docs is not None and args.max_docs < 1:
+        raise InferenceError(f"--max-docs {args.max_docs} is outside [1, inf): "
+                             "leave it out to score every document")
     cfg, model, ctx = load_model(args.config, args.weights, args.checkpoint, args.overrides)
-    shards = open_split(args.data or resolve_manifests(cfg)[0], args.split, tokenizer=cfg.data.tokenizer)
-    long_enough = (d for d in iter_documents(shards) if len(d) > args.min_doc_tokens)
-    docs = itertools.islice(long_enough, args.max_docs)  # --max-docs counts scored documents
-    window = args.chunk or cfg.data.seq_length  # the evaluation window
+    data = args.data or resolve_manifests(cfg)[0]
+    shards = open_split(data, args.split, tokenizer=cfg.data.tokenizer)
+    shortest = max(args.min_doc_tokens, 1)  # a document of n tokens scores n - 1
+    seen = 0
+
+    def long_enough():
+        nonlocal seen
+        for doc in iter_documents(shards):
+            seen += 1
+            if len(doc) > shortest:
+                yield doc
+
+    docs = itertools.islice(long_enough(), args.max_docs)  # --max-docs counts scored documents
+    window = cfg.data.seq_length if args.chunk is None else args.chunk  # the evaluation window
     result = evaluate_documents(model, docs, args.context, window, device=ctx.device)
+    if not result.tokens:
+        where = f"split {args.split!r} of {data}"
+        why = (f"{where} holds no documents" if not seen else
+               f"none of the {seen} documents of {where} has more than {shortest} tokens "
+               f"(--min-doc-tokens {args.min_doc_tokens}): lower --min-doc-tokens or pick another --split")
+        raise InferenceError(f"no tokens scored: {why}")
     summary = result.summary()
     summary.update(arch=cfg.model.arch, context=args.context, chunk=window, split=args.split)
     print(f"{'positions':>16} {'tokens':>10} {'loss':>8} {'ppl':>10}")

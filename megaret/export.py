@@ -28,9 +28,22 @@ from megaret.checkpoint.files import CheckpointError
 from megaret.models.spec import arch_spec
 
 
+class ExportError(ValueError):
+    """The export cannot be written where asked (one-line message naming the fix)."""
+
+
 def export(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
-    """Write FILE and FILE.json; raises CheckpointError (also when the consolidated weights do not
-    hold the parameter count the arch's spec gives for the checkpoint's config)."""
+    """Write FILE and FILE.json; raises ExportError when FILE cannot be a file (checked before
+    consolidating), CheckpointError otherwise (also when the consolidated weights do not hold the
+    parameter count the arch's spec gives for the checkpoint's config)."""
+    out = Path(out)
+    if out.exists() and not out.is_file():
+        kind = "a directory" if out.is_dir() else "not a regular file"
+        raise ExportError(f"--out {out} is {kind}: give the path of the .pt file to write, e.g. "
+                          f"{out / 'model.pt' if out.is_dir() else out.with_suffix('.pt')}")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ExportError(f"--out {out}: {parent} is not a directory")
     state, manifest = consolidate(checkpoint)
     model = checkpoint_config(manifest).model
     n = sum(t.numel() for t in state.values() if torch.is_tensor(t))
@@ -39,7 +52,6 @@ def export(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]) -> P
         raise CheckpointError(f"{checkpoint}: the consolidated weights hold {n} parameters, model.arch="
                               f"{model.arch} with the saved config has {expected}: the checkpoint does not "
                               "match its manifest")
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     torch.save(state, tmp)
@@ -58,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         path = export(args.checkpoint, args.out)
-    except CheckpointError as exc:
+    except (CheckpointError, ExportError) as exc:
         print(f"export failed: {exc}", file=sys.stderr)
         return 1
     meta = json.loads(Path(f"{path}.json").read_text(encoding="utf-8"))

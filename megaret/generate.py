@@ -12,7 +12,8 @@ checkpoint's manifest (laid out for one process), so --config is not needed (key
 overrides still apply). The tokenizer is
 --tokenizer, else data.tokenizer, else the tokenizer.json saved with the configured shards
 (the embedded default corpus's, built on first use). The text goes to stdout; a summary
-line (tokens, tokens/s) goes to stderr.
+line (tokens, tokens/s) goes to stderr. Arguments out of range, and a causal Transformer's KV
+cache for prompt + --max-new-tokens beyond the free memory, are refused in one line (exit 1).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import time
 import torch
 
 from megaret.data import Tokenizer
-from megaret.infer.decoding import generate
+from megaret.infer.decoding import check_sampling, generate
 from megaret.infer.loading import InferenceError, add_model_args, load_model, resolve_tokenizer, run_entry
 
 
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> list[int]:
 
 
 def _generate(args: argparse.Namespace) -> list[int]:
+    check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)  # before loading
     cfg, model, ctx = load_model(args.config, args.weights, args.checkpoint, args.overrides)
     tok = resolve_tokenizer(cfg, args.tokenizer)
     if tok.vocab_size > cfg.model.vocab_size:

@@ -19,17 +19,49 @@ the arch spec (megaret/models/spec.py):
 
 Logits are vocab-parallel; `model.gather_logits` assembles the full vocabulary on every TP
 rank, and every rank samples with the same seeded generator, so ranks agree on the tokens.
+
+Arguments out of range (`check_sampling`) and a KV cache that cannot fit in the device's free
+memory (`Decoder.check_room`) raise InferenceError before anything is computed or allocated.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
+import psutil
 import torch
 from torch import nn
 
+from megaret.infer.loading import InferenceError
+from megaret.models.attention_layer import SelfAttention
 from megaret.models.spec import arch_spec
+
+
+def check_sampling(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                   max_new_tokens: int = 0) -> None:
+    """Raises InferenceError (naming the generate flag, the value and the allowed range) unless
+    temperature is finite and >= 0 (0: argmax), top_k >= 0 (0 or None: no top-k filter), top_p
+    in (0, 1] (None: no nucleus filter) and max_new_tokens >= 0."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise InferenceError(f"--temperature {temperature} is outside [0, inf): a finite number, "
+                             "0 for argmax decoding")
+    if top_k is not None and top_k < 0:
+        raise InferenceError(f"--top-k {top_k} is outside [0, inf): 0 or leaving it out keeps every id")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise InferenceError(f"--top-p {top_p} is outside (0, 1]: 1 or leaving it out keeps every id")
+    if max_new_tokens < 0:
+        raise InferenceError(f"--max-new-tokens {max_new_tokens} is outside [0, inf)")
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes that can still be allocated on `device`: the GPU's free memory plus what PyTorch's
+    allocator holds unused, or the host's available memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return psutil.virtual_memory().available
 
 
 def sample_next(
@@ -42,15 +74,17 @@ def sample_next(
 ) -> torch.Tensor:
     """logits: (B, V) -> next ids (B,). Greedy (or temperature 0) takes the argmax; otherwise
     softmax(logits / temperature) restricted to the top_k ids and to the smallest set whose
-    probability reaches top_p (nucleus), sampled with `generator`."""
+    probability reaches top_p (nucleus), sampled with `generator`. Raises InferenceError for
+    arguments out of range (`check_sampling`)."""
+    check_sampling(temperature, top_k, top_p)
     logits = logits.float()
-    if greedy or temperature <= 0:
+    if greedy or temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
     if top_k is not None and 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and 0.0 < top_p < 1.0:
+    if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         drop = cum - sorted_logits.softmax(dim=-1) >= top_p  # mass before this id already reaches top_p
@@ -106,11 +140,41 @@ class Decoder:
         """token (B,) -> the logits after it."""
         return self._feed(token[:, None], self.forms[1])
 
+    def cache_bytes(self, batch: int, tokens: int) -> int:
+        """Bytes of the keys and values a cache that keeps every key holds for `tokens` tokens of
+        `batch` samples (0 for a state bounded in the context): 2 (k, v) x attention layers x
+        batch x local heads x head_dim x tokens x element size."""
+        if not self.unbounded:
+            return 0
+        size = next(self.model.parameters()).element_size()
+        per_token = sum(2 * m.local_heads * m.head_dim  # k and v: (B, H_local, T, D) each
+                        for m in self.model.modules() if isinstance(m, SelfAttention))
+        return per_token * batch * tokens * size
+
+    def check_room(self, batch: int, prompt: int, max_new_tokens: int) -> None:
+        """Raises InferenceError when the cache for prompt + max_new_tokens tokens would not fit
+        in the memory free on the model's device (called before the prefill allocates any)."""
+        need = self.cache_bytes(batch, prompt + max_new_tokens)
+        if not need:
+            return
+        device = next(self.model.parameters()).device
+        free = free_memory(device)
+        if need > free:
+            fits = max(free // self.cache_bytes(batch, 1) - prompt, 0)
+            raise InferenceError(
+                f"--max-new-tokens {max_new_tokens}: the KV cache of model.arch={self.model.cfg.arch} for "
+                f"{prompt} + {max_new_tokens} tokens (batch {batch}) needs ~{_gib(need)}, more than the "
+                f"{_gib(free)} available on {device}: lower --max-new-tokens (at most {fits} fit)")
+
     def reserve(self, total: int) -> None:
         """A cache that keeps every key (the causal Transformer's) is preallocated for `total`
         tokens: one copy now instead of a few geometric reallocations while decoding."""
         if self.unbounded and self.state is not None:
             self.state = self.state.reserve(total)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.2f} GiB"
 
 
 def make_decoder(model: nn.Module) -> Decoder:
@@ -138,7 +202,10 @@ def generate(
     a sample that produced it keeps producing it, and generation stops once all samples have.
     vocab_size: sample only ids below it (a tokenizer smaller than the model's vocabulary).
     The model is put in eval mode (no dropout) for the call and restored afterwards.
+    Raises InferenceError for sampling arguments out of range or a KV cache (causal Transformer)
+    that prompt + max_new_tokens would grow beyond the device's free memory, before decoding.
     """
+    check_sampling(temperature, top_k, top_p, max_new_tokens)
     if prompt_ids.dim() != 2 or prompt_ids.shape[1] < 1:
         raise ValueError(f"prompt_ids must be (B, T0) with T0 >= 1, got {tuple(prompt_ids.shape)}")
     device = next(model.parameters()).device
@@ -149,6 +216,7 @@ def generate(
     model.eval()
     try:
         decoder = make_decoder(model)
+        decoder.check_room(prompt_ids.shape[0], prompt_ids.shape[1], max_new_tokens)
         ids = prompt_ids.to(device)
         logits = decoder.prefill(ids)
         decoder.reserve(ids.shape[1] + max_new_tokens)

@@ -29,7 +29,19 @@ import torch
 from torch import nn
 
 from megaret.data.shards import ShardSet
+from megaret.infer.loading import InferenceError
 from megaret.models.spec import arch_spec
+
+
+def check_window(context: int | None, window: int | None) -> None:
+    """Raises InferenceError unless the context (tokens scored per document at most) and the
+    evaluation window (the CLI's --chunk) are positive where given."""
+    if context is not None and context <= 0:
+        raise InferenceError(f"--context {context} is outside [1, inf): the tokens scored per document "
+                             "at most")
+    if window is not None and window <= 0:
+        raise InferenceError(f"--chunk {window} is outside [1, inf): the tokens per call "
+                             "(leave it out for data.seq_length)")
 
 
 def bucket_edges(context: int, first: int = 64) -> list[int]:
@@ -100,13 +112,14 @@ def evaluate_sequence(
     """ids: (B, N + 1) token ids; scores labels ids[:, 1:] from inputs ids[:, :-1], streamed
     `window` inputs per call (the evaluation window) with the state carried. Adds into `result`
     (a new one if None)."""
+    check_window(context, window)
     n = ids.shape[1] - 1
     result = result or EvalResult(bucket_edges(context or n))
     spec = arch_spec(model.cfg.arch)
     block = spec.call_multiple(model.cfg)
     if window % block:
-        raise ValueError(f"window={window} must be a multiple of {block} (model.block_size) for "
-                         f"model.arch={model.cfg.arch}")
+        raise InferenceError(f"--chunk {window} must be a multiple of {block} (model.block_size) for "
+                             f"model.arch={model.cfg.arch}")
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
@@ -136,6 +149,7 @@ def evaluate_documents(
     min_tokens: int = 2, device: torch.device | str = "cpu",
 ) -> EvalResult:
     """Each document (skipped below min_tokens, then truncated to context + 1 tokens) streamed alone."""
+    check_window(context, window)
     result = EvalResult(bucket_edges(context))
     for doc in documents:
         if len(doc) < max(min_tokens, 2):
