@@ -159,7 +159,6 @@ class ArchSpec:
     name: str
     summary: str
     model_class: str  # "module:Class", imported when a model is built
-    state_type: str  # "module:Class" of the carried state (megaret/models/state.py protocol)
     layers: Callable[[ModelConfig, int], list[LayerKind]]  # (model, seq_length) -> one kind per layer
     build_kwargs: Callable[[ModelConfig], dict[str, Any]] = lambda m: {}
     # tokens of history the carried state covers (None: unbounded, a cache that grows with every
@@ -178,7 +177,8 @@ class ArchSpec:
 
     @property
     def state_class(self) -> type:
-        return _load(self.state_type)
+        """The carried state type (the state protocol, megaret/models/state.py): the model class's own."""
+        return _load(self.model_class).state_type
 
     # -- counting ------------------------------------------------------------------------------
 
@@ -267,7 +267,6 @@ SPECS: dict[str, ArchSpec] = {
         name="retnet",
         summary="RetNet: multi-scale retention blocks (parallel / chunkwise / recurrent forms)",
         model_class="megaret.models.retnet:RetNet",
-        state_type="megaret.models.retnet:RetNetState",
         layers=lambda m, t: [retention_layer(m, t)] * m.num_layers,
         carried_span=lambda m: 0,  # a fixed-size state summarises the whole history
         prefill_form="chunk",
@@ -278,7 +277,6 @@ SPECS: dict[str, ArchSpec] = {
         name="transformer",
         summary="causal Transformer (full attention; a growing KV cache for decoding)",
         model_class="megaret.models.transformer:Transformer",
-        state_type="megaret.models.transformer:TransformerState",
         layers=lambda m, t: [attention_layer(m, t, None)] * m.num_layers,
         refusals=(Refusal(_causal_segments, ("data.packing=segments",)),),
     ),
@@ -286,7 +284,6 @@ SPECS: dict[str, ArchSpec] = {
         name="sliding",
         summary="sliding-window Transformer (block-windowed attention: previous + current block)",
         model_class="megaret.models.transformer:Transformer",
-        state_type="megaret.models.transformer:TransformerState",
         layers=lambda m, t: [attention_layer(m, t, m.block_size)] * m.num_layers,
         build_kwargs=lambda m: {"window": m.block_size},
         carried_span=lambda m: m.block_size,
@@ -296,7 +293,6 @@ SPECS: dict[str, ArchSpec] = {
         name="brt",
         summary="Block-Recurrent Transformer: sliding-window layers plus recurrent layers with S states",
         model_class="megaret.models.brt:BlockRecurrentTransformer",
-        state_type="megaret.models.transformer:TransformerState",
         layers=_brt_layers,
         carried_span=lambda m: m.block_size,  # plus the S recurrent states, which summarise the rest
         call_multiple=lambda m: m.block_size,
