@@ -149,6 +149,7 @@ def test_keep_policy(tmp_path):
 
 
 def test_carried_state_round_trips_through_weights_only(tmp_path):
+    from megaret.checkpoint.legacy import unpack_carried
     from megaret.models.retnet import RetNetState
     from megaret.models.transformer import TransformerState
     from megaret.train.step import StateCarry
@@ -165,7 +166,7 @@ def test_carried_state_round_trips_through_weights_only(tmp_path):
     legacy = {0: {"__state_type__": "RetNetState",
                   "fields": {"layers": list(state.layers), "position": 96}}}
     old = StateCarry(RetNetState)
-    old.load_state_dict(legacy)
+    old.load_state_dict(unpack_carried(legacy))
     assert all(torch.equal(a, b) for a, b in zip(old.state[0].layers, state.layers, strict=True))
     with pytest.raises(ValueError, match="no layer state has the keys"):
         TransformerState.from_state_dict({"layers": [{"x": torch.zeros(1)}], "position": 0})

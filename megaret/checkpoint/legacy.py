@@ -59,6 +59,19 @@ def upgrade_rank_state(state: dict[str, Any], manifest: dict[str, Any]) -> dict[
     return {"format": 1, "step": state["step"], "parts": {
         "data": {"source": manifest.get("data_source"), "data_parallel": lay["data"],
                  "loader": state["loader"]},
-        "carry": None if carried is None else {"layout": layout, "states": carried},
+        "carry": None if carried is None else {"layout": layout, "states": unpack_carried(carried)},
         "rng": state["rng"],
     }}
+
+
+def unpack_carried(obj: Any) -> Any:
+    """A carried state as format-1 checkpoints packed it (nested {"__state_type__": name,
+    "fields": {...}} dicts) -> the plain state_dict form the protocol reads (names dropped:
+    each state type recognises its own fields)."""
+    if isinstance(obj, dict):
+        if "__state_type__" in obj:
+            return {k: unpack_carried(v) for k, v in obj["fields"].items()}
+        return {k: unpack_carried(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [unpack_carried(v) for v in obj]
+    return obj

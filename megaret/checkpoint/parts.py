@@ -182,16 +182,6 @@ def carry_layout(tensor: int, pipeline: int, virtual_pipeline: int | None, data:
     return {"tensor": tensor, "pipeline": pipeline, "virtual_pipeline": virtual_pipeline, "data": data}
 
 
-def _to_device(obj: Any, device: torch.device | None) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj if device is None else obj.to(device)
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_device(v, device) for v in obj)
-    return obj
-
-
 class CarriedStates(StatefulPart):
     """The recurrent states stateful training (data.packing=segments) carries into the next step:
     a `megaret.train.step.StateCarry`, saved and loaded through its own state_dict methods. They
@@ -210,4 +200,4 @@ class CarriedStates(StatefulPart):
         if state["layout"] != self.layout:
             raise CheckpointError("carries recurrent states across steps (data.packing=segments), which are "
                                   "laid out per rank: resume it with the saved layout")
-        self.carry.load_state_dict(_to_device(state["states"], self.device))
+        self.carry.load_state_dict(state["states"], self.device)  # the state protocol places it

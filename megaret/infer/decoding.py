@@ -77,6 +77,12 @@ def sample_next(
     probability reaches top_p (nucleus), sampled with `generator`. Raises InferenceError for
     arguments out of range (`check_sampling`)."""
     check_sampling(temperature, top_k, top_p)
+    return _sample(logits, temperature, top_k, top_p, greedy, generator)
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, greedy: bool,
+            generator: torch.Generator | None) -> torch.Tensor:
+    """sample_next without the argument check (generate checks once, not at every token)."""
     logits = logits.float()
     if greedy or temperature == 0:
         return logits.argmax(dim=-1)
@@ -225,7 +231,7 @@ def generate(
         for i in range(max_new_tokens):
             if vocab_size is not None:
                 logits[:, vocab_size:] = float("-inf")
-            token = sample_next(logits, temperature, top_k, top_p, greedy, generator)
+            token = _sample(logits, temperature, top_k, top_p, greedy, generator)
             if eos_id is not None:
                 token = torch.where(done, torch.full_like(token, eos_id), token)
                 done |= token == eos_id

@@ -157,7 +157,6 @@ class Refusal:
 @dataclass(frozen=True)
 class ArchSpec:
     name: str
-    summary: str
     model_class: str  # "module:Class", imported when a model is built
     layers: Callable[[ModelConfig, int], list[LayerKind]]  # (model, seq_length) -> one kind per layer
     build_kwargs: Callable[[ModelConfig], dict[str, Any]] = lambda m: {}
@@ -265,7 +264,6 @@ _BLOCK_ALIGNED = Refusal(_block_aligned, ("data.seq_length=100", "model.block_si
 SPECS: dict[str, ArchSpec] = {
     "retnet": ArchSpec(
         name="retnet",
-        summary="RetNet: multi-scale retention blocks (parallel / chunkwise / recurrent forms)",
         model_class="megaret.models.retnet:RetNet",
         layers=lambda m, t: [retention_layer(m, t)] * m.num_layers,
         carried_span=lambda m: 0,  # a fixed-size state summarises the whole history
@@ -275,14 +273,12 @@ SPECS: dict[str, ArchSpec] = {
     ),
     "transformer": ArchSpec(
         name="transformer",
-        summary="causal Transformer (full attention; a growing KV cache for decoding)",
         model_class="megaret.models.transformer:Transformer",
         layers=lambda m, t: [attention_layer(m, t, None)] * m.num_layers,
         refusals=(Refusal(_causal_segments, ("data.packing=segments",)),),
     ),
     "sliding": ArchSpec(
         name="sliding",
-        summary="sliding-window Transformer (block-windowed attention: previous + current block)",
         model_class="megaret.models.transformer:Transformer",
         layers=lambda m, t: [attention_layer(m, t, m.block_size)] * m.num_layers,
         build_kwargs=lambda m: {"window": m.block_size},
@@ -291,7 +287,6 @@ SPECS: dict[str, ArchSpec] = {
     ),
     "brt": ArchSpec(
         name="brt",
-        summary="Block-Recurrent Transformer: sliding-window layers plus recurrent layers with S states",
         model_class="megaret.models.brt:BlockRecurrentTransformer",
         layers=_brt_layers,
         carried_span=lambda m: m.block_size,  # plus the S recurrent states, which summarise the rest

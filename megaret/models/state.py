@@ -49,7 +49,7 @@ class StackState:
     """Per-layer states (None before a layer's first call) and the position of the next token.
 
     Subclasses say how one layer entry is detached, reset, measured, saved and rebuilt; the
-    default treats entries as `LayerState` objects rebuilt by `layer_from_state_dict`.
+    default treats entries as `LayerState` objects rebuilt by `_layer_from_state_dict`.
     """
 
     layers: list[Any]
@@ -126,16 +126,3 @@ class StackState:
 
 def to_device(t: torch.Tensor, device: torch.device | str | None) -> torch.Tensor:
     return t if device is None else t.to(device)
-
-
-def legacy_fields(obj: Any) -> Any:
-    """A carried state as format-1 checkpoints packed it (nested {"__state_type__": name,
-    "fields": {...}} dicts) -> the plain state_dict form the protocol reads (names dropped:
-    each state type recognises its own fields)."""
-    if isinstance(obj, dict):
-        if "__state_type__" in obj:
-            return {k: legacy_fields(v) for k, v in obj["fields"].items()}
-        return {k: legacy_fields(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [legacy_fields(v) for v in obj]
-    return obj

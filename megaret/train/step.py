@@ -35,7 +35,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from torch import nn
 
-from megaret.models.state import StackState, legacy_fields
+from megaret.models.state import StackState
 from megaret.parallel.context import ParallelContext
 from megaret.train.batches import Batch
 
@@ -50,8 +50,8 @@ class StepResult:
 
 
 class StateCarry:
-    """Per virtual stage (pipeline stage or virtual stage), the recurrent state its last micro-batch
-    left for the next one (no gradient flows through it). Uses only the state protocol."""
+    """Per virtual pipeline stage of this rank, the recurrent state its last micro-batch left for
+    the next one (no gradient flows through it). Uses only the state protocol."""
 
     def __init__(self, state_type: type[StackState]) -> None:
         self.state_type = state_type  # what load_state_dict rebuilds (the arch spec's state class)
@@ -83,14 +83,14 @@ class StateCarry:
         return {stage: None if s is None else s.state_dict() for stage, s in self.state.items()}
 
     def load_state_dict(self, saved: dict | None, device: torch.device | str | None = None) -> None:
-        """The form `state_dict` writes, or that of format-1 checkpoints (packed dataclasses)."""
-        saved = legacy_fields(saved or {})
+        """The form `state_dict` writes (format-1 checkpoints are unpacked to it by
+        megaret.checkpoint.legacy)."""
         self.state = {int(stage): None if s is None else self.state_type.from_state_dict(s, device)
-                      for stage, s in saved.items()}
+                      for stage, s in (saved or {}).items()}
 
 
 def stage_index(model: nn.Module) -> int:
-    """Which of this rank's virtual stages `model` is (its virtual stage; 0 without interleaving)."""
+    """Which of this rank's virtual pipeline stages `model` is (0 without interleaving)."""
     return getattr(model, "vp_stage", None) or 0
 
 

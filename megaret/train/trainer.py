@@ -43,7 +43,8 @@ class Trainer:
             save_config(cfg, cfg.run.dir)
         self.metrics = self._build_metrics()
         # stateful segments: each layer's recurrent state flows on to the slot's next segment
-        self.carry = StateCarry(self._state_class()) if cfg.data.packing == "segments" else None
+        state_class = arch_spec(cfg.model.arch).state_class
+        self.carry = StateCarry(state_class) if cfg.data.packing == "segments" else None
         self.step = 0
         self.skipped_steps = 0
         self.consecutive_skips = 0
@@ -80,9 +81,6 @@ class Trainer:
         self.step = state["step"]
         self.skipped_steps = state["skipped_steps"]
         self.consecutive_skips = state["consecutive_skips"]
-
-    def _state_class(self) -> type:
-        return arch_spec(self.cfg.model.arch).state_class
 
     def _batch_source(self) -> BatchSource:
         cfg, ctx = self.cfg, self.ctx
@@ -149,7 +147,7 @@ class Trainer:
 
     def evaluate(self) -> float:
         """Mean loss over train.eval_steps held-out batches, logged as eval/loss and eval/ppl."""
-        carry = StateCarry(self._state_class()) if self.carry is not None else None
+        carry = StateCarry(self.carry.state_type) if self.carry is not None else None
         loss = eval_step(self.stages, self.ctx, self._eval_batches(), self.cfg.train.micro_batch_size, carry)
         self.metrics.log_eval(self.step, loss)
         return loss
