@@ -25,10 +25,11 @@ import torch
 
 from megaret.checkpoint.consolidate import checkpoint_config, consolidate
 from megaret.checkpoint.files import CheckpointError
+from megaret.errors import UserError
 from megaret.models.spec import arch_spec
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """The export cannot be written where asked (one-line message naming the fix)."""
 
 

@@ -33,6 +33,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from megaret.errors import UserError
+
 log = logging.getLogger("megaret.faults")
 
 PLAN_ENV = "MEGARET_FAULT_PLAN"
@@ -40,7 +42,7 @@ FAULT_EXIT = 86  # the status of an `exit_before_publish` fault
 POINTS = ("before_step", "before_publish")
 
 
-class FaultPlanError(ValueError):
+class FaultPlanError(UserError, ValueError):
     """MEGARET_FAULT_PLAN is not a valid plan (one-line message)."""
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from megaret import faults
+from megaret.errors import UserError
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -36,7 +37,7 @@ FORMAT_VERSION = 2
 _STEP_RE = re.compile(r"^step_(\d{7,})$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, corrupt, partial or incompatible with this run."""
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from megaret.errors import UserError
 
-class DataError(RuntimeError):
+
+class DataError(UserError, RuntimeError):
     """A data file is missing, corrupt or inconsistent with its manifest (one-line message)."""
 
 

@@ -16,12 +16,13 @@ import torch
 from megaret.checkpoint.files import CheckpointError
 from megaret.config import Config, ConfigError, load_config
 from megaret.data import DataError, Tokenizer, load_manifest, resolve_manifests
+from megaret.errors import UserError
 from megaret.models.spec import build_model
 from megaret.parallel.context import ParallelContext, build_parallel_context, destroy_parallel_context
 from megaret.parallel.megatron_config import megatron_config
 
 
-class InferenceError(ValueError):
+class InferenceError(UserError, ValueError):
     """The model cannot be loaded or run as asked (one-line message naming the fix)."""
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megaret.config import Config, ConfigError, ModelConfig
+from megaret.errors import UserError
 from megaret.models.layout import rank_layers
 from megaret.models.spec import arch_spec, norm_params
 
@@ -39,7 +40,7 @@ GIB = 1024**3
 USABLE_FRACTION = 0.9
 
 
-class PlanError(ValueError):
+class PlanError(UserError, ValueError):
     """The launch cannot work as configured (one line: what and how to fix it)."""
 
 

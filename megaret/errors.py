@@ -1,0 +1,30 @@
+"""The error base class users can fix, and the one table of exit codes every entry point uses.
+
+Library code raises a :class:`UserError` subclass (ConfigError, DataError, CheckpointError, ...)
+whose message is one line naming the problem and the fix; only entry points print it (prefixed
+``megaret: error:``) and exit with :data:`EXIT_USER`. Anything else is a bug: exit
+:data:`EXIT_INTERNAL` with the traceback.
+
+| code | meaning                                                            |
+|------|--------------------------------------------------------------------|
+| 0    | done (also: nothing left to do, e.g. already trained to train.steps) |
+| 1    | internal error (a bug: the traceback is printed)                   |
+| 2    | user error (one ``megaret: error:`` line naming the fix)           |
+| 75   | stopped on a requeue signal after checkpointing: run it again      |
+| 130  | interrupted (SIGINT) after checkpointing                           |
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USER = 2
+EXIT_REQUEUE = 75  # EX_TEMPFAIL
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+
+#: the prefix of the one line an entry point prints for a UserError
+ERROR_PREFIX = "megaret: error:"
+
+
+class UserError(Exception):
+    """A problem the user can fix; its message is one line naming the problem and the fix."""
