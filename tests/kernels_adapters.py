@@ -1,12 +1,13 @@
 """Run flash-linear-attention's Triton kernels on a CPU under Triton's interpreter (test only).
 
-`install()` must run before anything imports triton (DeepSpeed does, when triton is installed),
-so the kernels tests call it first thing in a process of their own (tests/kernels/*.py and
-tests/distributed/tp_parity.py --fla, launched by pytest): the interpreter never reaches the
-pytest process or any other test. On a machine with CUDA it does nothing: the kernels tests
-there run the real compiled kernels.
+`install()` must run before anything imports triton (megatron-core does, when triton is
+installed), so the kernels tests call it first thing in a process of their own (tests/kernels/
+ops_parity.py and tests/distributed/tp_parity.py --fla, launched by pytest): the interpreter never
+reaches the pytest process or any other test. ops_parity.py installs it only without CUDA (with
+CUDA it runs the real compiled kernels); the gloo ranks of tp_parity.py compute on CPU, so they
+always do.
 
-What the interpreter needs (shared/notes/environment.md, "flash-linear-attention"):
+What the interpreter needs (verified with fla-core 0.6.0 and triton 3.9.0 / 3.8.0):
 - TRITON_INTERPRET=1 before triton is imported (`triton.jit` picks the interpreter at import);
 - FLA_CACHE_RESULTS=0 (fla's autotune disk cache asks the GPU driver);
 - autotuning without a driver to benchmark with: keep the first config left after pruning and
@@ -31,9 +32,7 @@ def interpreted() -> bool:
 
 
 def install() -> bool:
-    """Set up the interpreter when there is no CUDA device; returns whether it did."""
-    if not interpreted():
-        return False
+    """Set up the interpreter for this process (kernels on CPU tensors); returns True."""
     if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("kernels_adapters.install() must run before triton is imported")
     os.environ["TRITON_INTERPRET"] = "1"

@@ -3,7 +3,8 @@
     Y = GroupNorm_h(Retention(X W_Q, X W_K, X W_V)),  MSR(X) = (swish(X W_G) * Y) W_O
 
 Each TP rank holds H / tp whole heads; their decays come from the GLOBAL head index, so a
-TP=4 run computes exactly what a TP=1 run does.
+TP=4 run computes exactly what a TP=1 run does. The chunk form runs on torch or on
+flash-linear-attention's kernel as model.retention_kernel says (megaret/ops/retention_fla.py).
 """
 
 from __future__ import annotations

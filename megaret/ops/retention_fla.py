@@ -74,12 +74,19 @@ def _unsupported(q: Tensor) -> str | None:
     return None
 
 
+_last_segments: tuple[Tensor, tuple[Tensor, Tensor, Tensor]] | None = None
+
+
 def _segments(reset: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Variable-length sequences of the flattened batch from a (B, T) reset mask (one host sync).
+    """Variable-length sequences of the flattened batch from a (B, T) reset mask (one host sync;
+    the layers of one forward share the mask, so the last one is remembered).
 
     Returns cu_seqlens (N+1,) (CPU, int64), source (N,): the sample whose carried state enters
     each sequence (B: none, zeros) and last (B,): the last sequence of each sample.
     """
+    global _last_segments
+    if _last_segments is not None and _last_segments[0] is reset:
+        return _last_segments[1]
     r = reset.detach().cpu()  # (B, T)
     B, T = r.shape
     starts = r.clone()
@@ -90,6 +97,7 @@ def _segments(reset: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     carries = (begin % T == 0) & ~r[sample, 0]  # first sequence of a sample that does not reset at 0
     source = torch.where(carries, sample, torch.full_like(sample, B))  # (N,)
     last = torch.cat([sample[1:] != sample[:-1], torch.tensor([True])]).nonzero().squeeze(1)  # (B,)
+    _last_segments = (reset, (cu_seqlens, source, last))
     return cu_seqlens, source, last
 
 
