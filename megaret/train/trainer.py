@@ -46,8 +46,8 @@ class Trainer:
         self.stages = build_stage_modules(cfg, self.ctx)
         self.engine = build_engine(cfg, self.ctx, self.stages)
         self.batches = batches or self._batch_source()
-        agree_or_raise(self.ctx, self._write_run_dir)  # rank 0 writes; if it cannot, every rank stops
-        self.metrics = self._build_metrics()
+        # rank 0 writes run.dir; if it cannot, every rank stops there with one line
+        self.metrics = agree_or_raise(self.ctx, self._prepare_run_dir, everywhere=True)
         # stateful segments: each layer's recurrent state flows on to the slot's next segment
         state_class = arch_spec(cfg.model.arch).state_class
         self.carry = StateCarry(state_class) if cfg.data.packing == "segments" else None
@@ -62,9 +62,12 @@ class Trainer:
         self._leave_if_signalled()  # a signal during start-up: leave before the (slow) resume
         self.resumed_from = self.checkpointer.resume() if cc.resume else None  # the newest valid one
 
-    def _write_run_dir(self) -> None:
+    def _prepare_run_dir(self) -> Metrics:
+        """run.dir/config.yaml and the TensorBoard writer (rank 0), the metrics (every rank)."""
         try:
-            save_config(self.cfg, self.cfg.run.dir)
+            if self.ctx.rank == 0:
+                save_config(self.cfg, self.cfg.run.dir)
+            return self._build_metrics()
         except OSError as exc:
             raise ConfigError(f"run.dir={self.cfg.run.dir} is not writable ({exc.strerror or exc}: "
                               f"{exc.filename}); set run.dir to a directory this job can write") from exc
