@@ -7,7 +7,9 @@
 The allocation comes from the config's `launch` section; the job runs `python -m megaret.train`
 with the same config and overrides in every task. Without a reachable SLURM (no sbatch, or
 sinfo fails) the run goes to the LocalExecutor, with a message. A layout that cannot divide or
-cannot fit in launch.gpu_mem_gb, like a config error, is refused in one line (exit 2).
+cannot fit in launch.gpu_mem_gb, like a config error, is refused in one line (exit 2). With
+--wait the launcher exits with the job's own status: 0 done, 1 internal error, 2 user error,
+75 stopped for a requeue that never came, 130 interrupted (the table in README).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dry-run", action="store_true", help="print the plan and sbatch script, submit nothing"
     )
-    parser.add_argument("--wait", action="store_true", help="wait for the job and exit with its status")
+    parser.add_argument("--wait", action="store_true",
+                        help="wait for the job and exit with its status (the table in README)")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -63,13 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tensorboard tensorboard --logdir {run_dir / 'tensorboard'}", flush=True)
     if not args.wait:
         return 0
-    try:
-        job.results()
-    except Exception as exc:  # submitit raises the task's failure with its traceback
-        print(f"job {job.job_id} failed: {exc}", file=sys.stderr)
-        return 1
-    print(f"job {job.job_id} completed ({plan.layout.world} task(s) returned)")
-    return 0
+    status, line = slurm.job_exit_status(job)
+    print(line, file=sys.stderr if status else sys.stdout, flush=True)
+    return status
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@
 line ``megaret: error: <why and the fix>`` on stderr and exit status 2 (with ``MEGARET_DEBUG=1``
 the traceback is printed first); any other exception is a bug and keeps its traceback (exit 1).
 Every rank that raises prints its own line, so a multi-rank failure is visible from each log.
+A KeyboardInterrupt (Ctrl-C where nothing else handles it; the trainer's second Ctrl-C) is one
+``megaret: interrupted`` line and exit status 130.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import traceback
 from collections.abc import Callable
 from typing import TypeVar
 
-from megaret.errors import ERROR_PREFIX, EXIT_USER, UserError
+from megaret.errors import ERROR_PREFIX, EXIT_INTERRUPTED, EXIT_USER, UserError
 
 T = TypeVar("T")
 
@@ -37,13 +39,19 @@ def report_user_error(exc: BaseException) -> None:
 
 
 def run_entry(body: Callable[[], T], cleanup: Callable[[], None] | None = None) -> T:
-    """``body()``; a UserError is reported in one line and becomes ``SystemExit(2)``; ``cleanup``
-    runs in every case (e.g. leaving the process group)."""
+    """``body()``; a UserError is reported in one line and becomes ``SystemExit(2)``, a
+    KeyboardInterrupt ``SystemExit(130)``; ``cleanup`` runs in every case (e.g. leaving the
+    process group)."""
     try:
         return body()
     except UserError as exc:
         report_user_error(exc)
         raise SystemExit(EXIT_USER) from None
+    except KeyboardInterrupt as exc:
+        if debug_enabled():
+            traceback.print_exception(exc)
+        print(f"megaret: interrupted{': ' + str(exc) if str(exc) else ''}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_INTERRUPTED) from None
     finally:
         if cleanup is not None:
             cleanup()

@@ -11,7 +11,7 @@ whose message is one line naming the problem and the fix; only entry points prin
 | 1    | internal error (a bug: the traceback is printed)                   |
 | 2    | user error (one ``megaret: error:`` line naming the fix)           |
 | 75   | stopped on a requeue signal after checkpointing: run it again      |
-| 130  | interrupted (SIGINT) after checkpointing                           |
+| 130  | interrupted (SIGINT) after checkpointing; a second one: at once    |
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ optional) say what happens at which point::
 
     MEGARET_FAULT_PLAN='{"sleep_each_step_s": 0.25,
                          "stall": {"rank": 1, "step": 3, "seconds": 900},
-                         "exit_before_publish": true}'
+                         "exit_before_publish": true,
+                         "sleep_before_resume_s": 5}'
 
 - ``sleep_each_step_s`` (point ``before_step``): sleep that long before every training step, so a
   tiny run lasts long enough to be signalled or killed mid-way.
@@ -16,6 +17,9 @@ optional) say what happens at which point::
 - ``exit_before_publish`` (point ``before_publish``): end the process with ``os._exit(86)``
   (:data:`FAULT_EXIT`) once a checkpoint's files and manifest are written, before the rename
   that publishes it.
+- ``sleep_before_resume_s`` (point ``before_resume``, in the trainer's start-up after the model,
+  the data and run.dir are ready): print ``rank R: sleeping Ss before resume`` and sleep, so a
+  test can signal a run that is still starting.
 
 :func:`plan_env` builds the variable from keyword arguments (and checks them). The plan is
 parsed on first use and cached for the life of the process; an unknown key or a value of the
@@ -39,7 +43,7 @@ log = logging.getLogger("megaret.faults")
 
 PLAN_ENV = "MEGARET_FAULT_PLAN"
 FAULT_EXIT = 86  # the status of an `exit_before_publish` fault
-POINTS = ("before_step", "before_publish")
+POINTS = ("before_step", "before_publish", "before_resume")
 
 
 class FaultPlanError(UserError, ValueError):
@@ -58,12 +62,13 @@ class FaultPlan:
     sleep_each_step_s: float = 0.0
     stall: Stall | None = None
     exit_before_publish: bool = False
+    sleep_before_resume_s: float = 0.0
 
     @classmethod
     def from_dict(cls, raw: Any) -> FaultPlan:
         if not isinstance(raw, dict):
             raise FaultPlanError(f"{PLAN_ENV} must be a JSON object, got {raw!r}")
-        unknown = set(raw) - {"sleep_each_step_s", "stall", "exit_before_publish"}
+        unknown = set(raw) - {"sleep_each_step_s", "stall", "exit_before_publish", "sleep_before_resume_s"}
         if unknown:
             raise FaultPlanError(f"{PLAN_ENV}: unknown key(s) {sorted(unknown)}; see megaret/faults.py")
         sleep = _number(raw.get("sleep_each_step_s", 0.0), "sleep_each_step_s")
@@ -77,7 +82,8 @@ class FaultPlan:
         exit_before_publish = raw.get("exit_before_publish", False)
         if not isinstance(exit_before_publish, bool):
             raise FaultPlanError(f"{PLAN_ENV}: exit_before_publish must be true or false")
-        return cls(sleep, stall, exit_before_publish)
+        return cls(sleep, stall, exit_before_publish,
+                   _number(raw.get("sleep_before_resume_s", 0.0), "sleep_before_resume_s"))
 
     def at(self, name: str, rank: int | None, step: int | None) -> None:
         """Act out this plan's faults for point `name`."""
@@ -90,6 +96,10 @@ class FaultPlan:
             if s is not None and s.rank == rank and s.step == step:
                 print(f"rank {rank}: stalling {s.seconds:g}s before step {step} ({PLAN_ENV})", flush=True)
                 time.sleep(s.seconds)
+        elif name == "before_resume" and self.sleep_before_resume_s:
+            print(f"rank {rank}: sleeping {self.sleep_before_resume_s:g}s before resume ({PLAN_ENV})",
+                  flush=True)
+            time.sleep(self.sleep_before_resume_s)
         elif name == "before_publish" and self.exit_before_publish:
             print(f"exiting with {FAULT_EXIT} before publishing a checkpoint ({PLAN_ENV})", flush=True)
             os._exit(FAULT_EXIT)

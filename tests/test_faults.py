@@ -56,6 +56,11 @@ def test_sleep_stall_and_exit_act_at_their_points(plan, capsys):
         faults.point("before_publish")
     assert calls[-1] == ("exit", faults.FAULT_EXIT) and faults.FAULT_EXIT == 86
 
+    calls = plan(sleep_before_resume_s=2)
+    faults.point("before_step", rank=0, step=1)
+    faults.point("before_resume", rank=0)
+    assert calls[-1] == ("sleep", 2.0) and "rank 0: sleeping 2s before resume" in capsys.readouterr().out
+
 
 def test_the_plan_is_read_once(plan, monkeypatch):
     plan(sleep_each_step_s=1)

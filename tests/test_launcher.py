@@ -141,6 +141,21 @@ def test_local_executor_runs_two_tasks(tmp_path):
     check_tp2_run(tmp_path, tmp_path / "submitit" / job_id)
 
 
+def test_wait_gives_the_jobs_own_status_for_a_user_error(tmp_path, monkeypatch):
+    """A task whose trainer stops on a user error (exit 2) makes the launcher's --wait return 2 (the
+    LocalExecutor runs a stand-in entry that fails at once)."""
+    from megaret.launch import slurm
+
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    cfg = load_config("configs/tiny.yaml", [f"run.dir={tmp_path}"])
+    job = slurm.submit(cfg, str(REPO / "configs/tiny.yaml"), [], local=True,
+                       entry="tests.fixtures.user_error_entry")
+    status, line = slurm.job_exit_status(job)
+    assert status == 2, line
+    assert "python -m tests.fixtures.user_error_entry exited with status 2 (task 0)" in line
+    assert "megaret: error: run.dir=/nowhere is not writable" in job.stderr()
+
+
 @pytest.fixture(scope="module")
 def slurm_run(local_slurm, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("slurm_run")

@@ -134,7 +134,9 @@ def test_zero2_with_pipeline_is_refused():
         build_engine(cfg, types.SimpleNamespace(pp_size=2), [])
     from megaret.train.__main__ import main
 
-    assert main(["--config", "configs/tiny.yaml", "parallel.pipeline=2", "parallel.zero_stage=2"]) == 2
+    with pytest.raises(SystemExit) as exit_:  # a user error: one line, exit 2 (megaret/entry.py)
+        main(["--config", "configs/tiny.yaml", "parallel.pipeline=2", "parallel.zero_stage=2"])
+    assert exit_.value.code == 2
 
 
 # ------------------------------------------------------------------------------------------

@@ -11,12 +11,18 @@ from the newest checkpoint in run.dir (`checkpoint.resume=true`). The trainer fi
 its step and saves a checkpoint there (megaret/train/signals.py), then calls submitit's handler.
 Preemption and `scontrol requeue` send SIGTERM, then SIGKILL after KillWait: the trainer saves
 if the grace period allows, else the job resumes from its last periodic checkpoint.
+
+Exit status. A task whose trainer ends with a final status of the table in megaret/errors.py (2
+user error, 130 interrupted) raises `TaskFailed`, which names it in the job's result, so
+`job_exit_status` (`launcher/submit.py --wait`) returns the trainer's own status; 75 (and
+submitit's own exit after a requeue) passes through untouched, for the requeue.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -26,9 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import submitit
+from submitit.core.utils import FailedJobError, UncompletedJobError
 from submitit.helpers import Checkpointable, DelayedSubmission
 
 from megaret.config import Config, LaunchConfig
+from megaret.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USER
 
 #: The module whose `main(argv) -> int | None` the job runs (`python -m TRAIN_ENTRY --config ...`).
 #: "megaret.smoke" is the stand-in the trainer replaced.
@@ -42,6 +50,18 @@ def entry_main(entry: str = TRAIN_ENTRY) -> Callable[[list[str]], Any]:
     if main is None:
         main = importlib.import_module(f"{entry}.__main__").main
     return main
+
+
+class TaskFailed(RuntimeError):
+    """The trainer of one task ended with a final non-zero status (recorded in the job's result)."""
+
+    def __init__(self, status: int, entry: str, task: int) -> None:
+        super().__init__(f"python -m {entry} exited with status {status} (task {task}); "
+                         "its log (submitit/<job>_<task>_log.err) says why")
+        self.status = status
+
+
+_STATUS_RE = re.compile(r"TaskFailed: (python -m \S+ exited with status (\d+)[^\n]*)")
 
 
 class TrainTask(Checkpointable):
@@ -65,9 +85,14 @@ class TrainTask(Checkpointable):
             f"{shlex.join(argv)}",
             flush=True,
         )
-        rc = entry_main(self.entry)(argv)
+        try:
+            rc = entry_main(self.entry)(argv)
+        except SystemExit as exc:
+            if exc.code not in (EXIT_USER, EXIT_INTERRUPTED):
+                raise  # 75 or submitit's own exit after a requeue: no result, the job comes back
+            rc = exc.code
         if rc not in (None, 0):
-            raise RuntimeError(f"python -m {self.entry} exited with status {rc} (task {env.global_rank})")
+            raise TaskFailed(int(rc), self.entry, env.global_rank)
         return 0
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
@@ -155,3 +180,33 @@ def submit(
     """Submit the training job; the task gets the same config file and overrides."""
     executor = make_executor(cfg, local)
     return executor.submit(TrainTask(config_path, overrides, entry))
+
+
+def job_exit_status(job: submitit.Job) -> tuple[int, str]:
+    """Wait for `job`; (its status by the table in megaret/errors.py, a line saying so).
+
+    A task's `TaskFailed` gives the trainer's own status; a job that produced no result (killed,
+    or stopped for a requeue that never came) gives SLURM's exit code when sacct knows it, else 1.
+    """
+    try:
+        job.results()
+    except FailedJobError as exc:  # a task raised: its traceback is the message
+        m = _STATUS_RE.search(str(exc))
+        status = int(m.group(2)) if m else EXIT_INTERNAL
+        why = m.group(1) if m else f"a task failed with a traceback (internal error); see {job.paths.stderr}"
+        return status, f"job {job.job_id} failed with status {status}: {why}"
+    except UncompletedJobError:
+        status = _sacct_exit_code(job.job_id) if isinstance(job, submitit.SlurmJob) else None
+        status = EXIT_INTERNAL if not status else status
+        return status, f"job {job.job_id} ended without a result (state {job.state}), status {status}; " \
+            f"see {job.paths.stderr}"
+    return EXIT_OK, f"job {job.job_id} completed"
+
+
+def _sacct_exit_code(job_id: str) -> int | None:
+    try:
+        out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "ExitCode"], capture_output=True,
+                             text=True, timeout=30).stdout.split()
+        return int(out[0].split(":")[0]) if out else None
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None

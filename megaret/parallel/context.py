@@ -15,6 +15,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from megaret.config import ConfigError
 from megaret.parallel.cpu_adapters import apply_cpu_adapters, seed_tensor_parallel_rng
 from megaret.parallel.launch_env import discover_launch_env
 
@@ -84,6 +85,12 @@ def init_distributed(
         dist.init_process_group(backend=backend, timeout=timeout)
 
 
+def launch_world_size() -> int:
+    """The world this process is joining: the launcher's variables before initialisation, the
+    group's after. Layout checks made with it run before any rank waits for another."""
+    return dist.get_world_size() if dist.is_initialized() else discover_launch_env().world_size
+
+
 def build_parallel_context(
     tensor: int = 1,
     pipeline: int = 1,
@@ -98,13 +105,13 @@ def build_parallel_context(
     megatron's groups."""
     from megatron.core import parallel_state as ps
 
-    init_distributed(backend, timeout_s=timeout_s)
-    world = dist.get_world_size()
-    if world % (tensor * pipeline) != 0:
-        raise ValueError(
+    world = launch_world_size()
+    if world % (tensor * pipeline) != 0:  # before the rendezvous: every rank says so, none waits
+        raise ConfigError(
             f"world size {world} is not divisible by parallel.tensor*parallel.pipeline="
             f"{tensor}*{pipeline}; launch a multiple of {tensor * pipeline} processes or change the layout"
         )
+    init_distributed(backend, timeout_s=timeout_s)
     apply_cpu_adapters()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
@@ -123,6 +130,7 @@ def build_parallel_context(
     )
     tp_rank = ps.get_tensor_model_parallel_rank()
     seed_tensor_parallel_rng(seed, tp_rank)
+    dist.barrier()  # every rank is connected before any may fail and leave (a peer would see a reset)
     return ParallelContext(
         world_size=world,
         rank=dist.get_rank(),

@@ -2,18 +2,23 @@
 python -m megaret.train --config configs/tiny.yaml [section.key=value ...]
 
 Under torchrun every rank runs this; the layout comes from parallel.* and the world size.
-Writes run.dir/config.yaml (the resolved config) and run.dir/tensorboard/.
+Writes run.dir/config.yaml (the resolved config), run.dir/tensorboard/ and
+run.dir/logs/third_party-rank{N}.log (DeepSpeed's and other libraries' messages).
+Exit status: 0 done, 1 internal error, 2 user error (one `megaret: error:` line), 75 stopped by
+USR1/USR2/TERM after checkpointing (run again to resume), 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from megaret.config import load_config
 from megaret.entry import run_entry
-from megaret.parallel.context import destroy_parallel_context
-from megaret.train.trainer import Trainer
+from megaret.parallel.launch_env import discover_launch_env
+from megaret.train.chatter import ThirdPartyLog
+from megaret.train.signals import StopSignals
 
 
 def arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,14 +31,27 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = arguments(argv)
-    return run_entry(lambda: _train(args))
+    # before anything slow (importing DeepSpeed, building the model, checking shards, resuming):
+    # a stop signal is recorded and acted on at the first agreement point, not fatal, and
+    # third-party chatter is held for the run's log instead of the console
+    with StopSignals() as stop, ThirdPartyLog() as chatter:
+        return run_entry(lambda: _train(args, stop, chatter))
 
 
-def _train(args: argparse.Namespace) -> int:
+def _train(args: argparse.Namespace, stop: StopSignals, chatter: ThirdPartyLog) -> int:
     cfg = load_config(args.config, args.overrides)
+    # before importing torch and DeepSpeed: a layout this world cannot hold is refused in a
+    # second, by every rank alike, before any of them waits for another
+    cfg.validate_world(discover_launch_env().world_size)
+    from megaret.parallel.agree import agree_or_raise
+    from megaret.parallel.context import destroy_parallel_context
+    from megaret.train.trainer import Trainer  # imports DeepSpeed
+
     try:
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, stop=stop)
         try:
+            logs, rank = Path(cfg.run.dir) / "logs", trainer.ctx.rank
+            agree_or_raise(trainer.ctx, lambda: chatter.attach(logs, rank), everywhere=True)
             trainer.train()
         finally:
             trainer.close()

@@ -14,9 +14,11 @@ from megaret.checkpoint.gather import full_parameters
 from megaret.checkpoint.manager import CheckpointManager
 from megaret.checkpoint.model import ModelOptimizer
 from megaret.checkpoint.parts import RNG, CarriedStates, DataPosition, Part, Schedule, Shared
-from megaret.config import Config, save_config
+from megaret.config import Config, ConfigError, save_config
+from megaret.errors import UserError
 from megaret.models.spec import arch_spec
-from megaret.parallel.context import build_parallel_context
+from megaret.parallel.agree import agree_or_raise
+from megaret.parallel.context import build_parallel_context, launch_world_size
 from megaret.train.batches import Batch, BatchSource, LoaderBatches, SyntheticBatches
 from megaret.train.engine import build_engine, build_stage_modules
 from megaret.train.metrics import Metrics, Timer, model_flops_per_token, peak_tflops
@@ -25,23 +27,27 @@ from megaret.train.signals import StopSignals
 from megaret.train.step import StateCarry, StepResult, eval_step, train_step
 
 
-class TrainingError(RuntimeError):
-    """The run cannot go on (e.g. too many consecutive non-finite steps)."""
+class TrainingError(UserError, RuntimeError):
+    """The run cannot go on (e.g. too many consecutive non-finite steps); the message names the fix."""
 
 
 class Trainer:
-    def __init__(self, cfg: Config, batches: BatchSource | None = None) -> None:
+    def __init__(self, cfg: Config, batches: BatchSource | None = None,
+                 stop: StopSignals | None = None) -> None:
+        """`stop`: signal handlers the caller entered before anything slow (the entry point does);
+        a signal caught during start-up is acted on before resuming. Without one, `train` installs
+        its own."""
         self.cfg = cfg
+        self.stop = stop or StopSignals()
         p = cfg.parallel
+        cfg.validate_world(launch_world_size())  # before the rendezvous: every rank refuses alike, none waits
         self.ctx = build_parallel_context(p.tensor, p.pipeline, p.virtual_pipeline, seed=cfg.train.seed,
                                          timeout_s=cfg.train.collective_timeout_s)
-        cfg.validate_world(self.ctx.world_size)
         self.stages = build_stage_modules(cfg, self.ctx)
         self.engine = build_engine(cfg, self.ctx, self.stages)
         self.batches = batches or self._batch_source()
-        if self.ctx.rank == 0:
-            save_config(cfg, cfg.run.dir)
-        self.metrics = self._build_metrics()
+        # rank 0 writes run.dir; if it cannot, every rank stops there with one line
+        self.metrics = agree_or_raise(self.ctx, self._prepare_run_dir, everywhere=True)
         # stateful segments: each layer's recurrent state flows on to the slot's next segment
         state_class = arch_spec(cfg.model.arch).state_class
         self.carry = StateCarry(state_class) if cfg.data.packing == "segments" else None
@@ -52,7 +58,19 @@ class Trainer:
         self.checkpointer = CheckpointManager(Path(cfg.run.dir) / "checkpoints", self._checkpoint_parts(),
                                               self.ctx, cc.keep_last, cc.keep_every,
                                               meta={"config": cfg.to_dict()})
+        faults.point("before_resume", rank=self.ctx.rank)
+        self._leave_if_signalled()  # a signal during start-up: leave before the (slow) resume
         self.resumed_from = self.checkpointer.resume() if cc.resume else None  # the newest valid one
+
+    def _prepare_run_dir(self) -> Metrics:
+        """run.dir/config.yaml and the TensorBoard writer (rank 0), the metrics (every rank)."""
+        try:
+            if self.ctx.rank == 0:
+                save_config(self.cfg, self.cfg.run.dir)
+            return self._build_metrics()
+        except OSError as exc:
+            raise ConfigError(f"run.dir={self.cfg.run.dir} is not writable ({exc.strerror or exc}: "
+                              f"{exc.filename}); set run.dir to a directory this job can write") from exc
 
     def _checkpoint_parts(self) -> dict[str, Part]:
         """What a checkpoint holds, each part saving and loading itself (loaded in this order:
@@ -206,28 +224,41 @@ class Trainer:
     def train(self) -> list[StepResult]:
         """Train to train.steps (on from a resumed step); saves a checkpoint at the end.
 
-        SIGUSR1/SIGUSR2/SIGTERM stop the run after the step in progress: all ranks agree on the
-        step, save a checkpoint and raise `Preempted` (exit 75) for a requeue (megaret/train/signals.py).
+        SIGUSR1/SIGUSR2/SIGTERM/SIGINT stop the run after the step in progress: all ranks agree on
+        the step, save a checkpoint and raise `Preempted` (exit 75 for a requeue, 130 for SIGINT;
+        megaret/train/signals.py).
         """
         results = []
-        with StopSignals() as stop:
+        with self.stop:
             while self.step < self.cfg.train.steps:
+                self._leave_if_signalled()
                 faults.point("before_step", rank=self.ctx.rank, step=self.step + 1)
                 results.append(self.train_step())
-                signum = stop.agreed(self.ctx.device)
-                if signum is not None and self.step < self.cfg.train.steps:
-                    if self.checkpointer.last_saved_step != self.step:
-                        self.save_checkpoint()
-                    if self.ctx.rank == 0:
-                        print(f"caught {signal.Signals(signum).name}: checkpoint of step {self.step} saved "
-                              f"{time.time() - stop.received_at:.1f}s after the signal; exiting for a requeue"
-                              if stop.received_at else
-                              f"a peer caught {signal.Signals(signum).name}: checkpoint of step {self.step} "
-                              "saved; exiting for a requeue", flush=True)
-                    stop.leave(signum, self.ctx.rank, self.step)
         if self.checkpointer.last_saved_step != self.step:
             self.save_checkpoint()
         return results
+
+    def _leave_if_signalled(self) -> None:
+        """Collective: if a rank caught a stop signal, every rank saves the current step (unless it
+        is saved already or nothing was trained yet) and leaves (`StopSignals.leave`)."""
+        stop = self.stop
+        signum = stop.agreed(self.ctx.device)
+        if signum is None:
+            return
+        if self.step == 0:
+            what = "nothing trained yet (still starting), nothing to save"
+        elif self.checkpointer.last_saved_step == self.step:
+            what = f"the checkpoint of step {self.step} is already saved"
+        else:
+            self.save_checkpoint()
+            what = f"checkpoint of step {self.step} saved"
+        if self.ctx.rank == 0:
+            name = signal.Signals(signum).name
+            then = "exiting (interrupted; run again to resume)" if signum == signal.SIGINT else \
+                "exiting for a requeue"
+            print(f"caught {name}: {what} ({time.time() - stop.received_at:.1f}s after the signal); {then}"
+                  if stop.received_at else f"a peer caught {name}: {what}; {then}", flush=True)
+        stop.leave(signum, self.ctx.rank, self.step)
 
     def save_checkpoint(self) -> Path:
         """Write run.dir/checkpoints/step_NNNNNNN for the current step (every rank calls this)."""
