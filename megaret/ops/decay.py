@@ -21,8 +21,9 @@ SCHEDULES: tuple[str, ...] = choices(DecaySchedule)
 
 
 def _full_log_decay(num_heads: int, schedule: str) -> Tensor:
-    """log(gamma) for all ``num_heads`` global heads, computed in float64."""
-    h = torch.arange(num_heads, dtype=torch.float64)
+    """log(gamma) for all ``num_heads`` global heads, computed in float64 on the CPU (also when a
+    model is built on the meta device, e.g. the launcher's dry run: the decays are constants)."""
+    h = torch.arange(num_heads, dtype=torch.float64, device="cpu")
     if schedule == "retnet":
         # gamma_h = 1 - 2^(-5-h) (RetNet reference code). log1p keeps full precision when
         # 2^(-5-h) is tiny, where log(1 - x) would round 1 - x first.
@@ -30,7 +31,7 @@ def _full_log_decay(num_heads: int, schedule: str) -> Tensor:
     if schedule == "loglinear":
         # gamma = 1 - exp(linspace(log(1/32), log(1/512), H)) (the paper's experiments).
         one_minus_gamma = torch.exp(
-            torch.linspace(math.log(1 / 32), math.log(1 / 512), num_heads, dtype=torch.float64)
+            torch.linspace(math.log(1 / 32), math.log(1 / 512), num_heads, dtype=torch.float64, device="cpu")
         )
         return torch.log1p(-one_minus_gamma)
     raise ValueError(f"unknown decay schedule {schedule!r}; valid schedules are {', '.join(SCHEDULES)}")
