@@ -27,10 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     args = arguments(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        trainer = Trainer(cfg)  # refuses what this machine cannot run (parallel.backend=nccl, no CUDA)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    trainer = Trainer(cfg)
     try:
         trainer.train()
     except TrainingError as exc:
