@@ -229,9 +229,12 @@ def stage_imports(smoke: bool, limit: float) -> dict:
     result["fla_kernel"] = _fla_kernel_call()
     result["missing"] = ",".join(missing) or None
     # --smoke checks only what this environment has; on the GPU machine everything must import
-    bad = missing and not smoke
-    kernel_bad = not smoke and not str(result["fla_kernel"]).startswith("ok")
-    result["status"] = "fail" if bad or kernel_bad else "ok"
+    problems = [] if smoke else [f"missing {m}" for m in missing]
+    if not smoke and not str(result["fla_kernel"]).startswith("ok"):
+        problems.append(f"fla kernel {result['fla_kernel']}")
+    result["status"] = "fail" if problems else "ok"
+    if problems:
+        result["error"] = "; ".join(problems)[:500]
     return result
 
 

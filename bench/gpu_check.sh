@@ -48,9 +48,6 @@ if [ -z "$JSON" ]; then
     if [ -n "${OUT:-}" ]; then JSON=$OUT/gpu_check.json; else JSON=$REPO/runs/gpu_check/gpu_check.json; fi
 fi
 mkdir -p "$(dirname "$JSON")"
-if [ -n "${OUT:-}" ] && [ -z "$SMOKE" ]; then
-    exec > >(tee -a "$OUT/gpu_check.log") 2>&1
-fi
 PY=${PYTHON:-python3}
 export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 START=$(date +%s)
@@ -110,9 +107,17 @@ run_group() {
     fi
 }
 
-echo "== gpu_check: $([ -n "$SMOKE" ] && echo "cpu smoke" || echo gpu) -> $JSON (budget ${BUDGET} s)"
-wanted install && install_wheels
-run_group "imports retention throughput decoding" 170 110
-run_group "train" 100 20
-run_group "pytest" 90 0
-"$PY" bench/gpu_check.py --json "$JSON" --summary --total-seconds $(( $(date +%s) - START ))
+run_check() {
+    echo "== gpu_check: $([ -n "$SMOKE" ] && echo "cpu smoke" || echo gpu) -> $JSON (budget ${BUDGET} s)"
+    wanted install && install_wheels
+    run_group "imports retention throughput decoding" 170 110
+    run_group "train" 100 20
+    run_group "pytest" 90 0
+    "$PY" bench/gpu_check.py --json "$JSON" --summary --total-seconds $(( $(date +%s) - START ))
+}
+
+if [ -n "${OUT:-}" ] && [ -z "$SMOKE" ]; then  # the device run: the whole output comes back as a file too
+    run_check 2>&1 | tee "$OUT/gpu_check.log"
+    exit "${PIPESTATUS[0]}"
+fi
+run_check
