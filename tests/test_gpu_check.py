@@ -45,8 +45,7 @@ def test_cpu_smoke_runs_every_stage_into_one_json(tmp_path):
 
 
 def test_a_stage_past_its_limit_is_recorded_as_timeout(tmp_path, monkeypatch):
-    sys.path.insert(0, str(REPO / "bench"))
-    import gpu_check
+    from bench import gpu_check
 
     monkeypatch.setitem(gpu_check.LIMITS, "train", 3)  # the trainer needs longer than that to start
     out = tmp_path / "gpu_check.json"
@@ -84,18 +83,16 @@ def test_the_fla_branch_of_the_retention_stage_runs_with_a_stand_in_kernel():
     (bf16 on the CPU): every comparison and timing key comes out, and the errors are the bf16 rounding."""
     import torch
 
-    sys.path.insert(0, str(REPO / "bench"))
-    import gpu_check
-
+    from bench import gpu_stages
     from bench.device import Clock
     from megaret.ops import chunk_retention
 
     def stand_in(q, k, v, g_gamma, scale, initial_state, output_final_state):  # noqa: ARG001
         return chunk_retention(q, k, v, g_gamma, initial_state, chunk_size=16)
 
-    shape = gpu_check.RetentionShape(heads=4, local=2, dk=16, dv=32, chunk=32)
+    shape = gpu_stages.RetentionShape(heads=4, local=2, dk=16, dv=32, chunk=32)
     cpu = torch.device("cpu")
-    row = gpu_check._retention_row(64, 2, shape, torch.bfloat16, cpu, stand_in, Clock(cpu), grads=True,
+    row = gpu_stages._retention_row(64, 2, shape, torch.bfloat16, cpu, stand_in, Clock(cpu), grads=True,
                                    reps=(1, 1))
     assert {"rank0_rel_err_o", "rank1_rel_err_state", "rel_err_dq", "fla_fwd_bwd_ms", "torch_fwd_ms",
             "fla_speedup_fwd_bwd"} <= set(row)
@@ -103,8 +100,7 @@ def test_the_fla_branch_of_the_retention_stage_runs_with_a_stand_in_kernel():
 
 
 def test_the_step_line_parser_reads_the_trainers_gpu_line():
-    sys.path.insert(0, str(REPO / "bench"))
-    import gpu_check
+    from bench import gpu_check
 
     line = ("step      2/6 | loss 9.8123 | lr 1.000e-03 | grad norm 3.210 | 123,456 tok/s | 251 TFLOP/s | "
             "MFU 25.4% | mem 20,480 MiB | skipped 0 | ETA 0:00:01")
