@@ -28,7 +28,7 @@
 set -uo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-cd "$REPO"
+cd "$REPO" || exit 2
 SMOKE=""
 BUDGET=285
 JSON=""
@@ -58,14 +58,20 @@ wanted() { [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]]; }
 record() { "$PY" bench/gpu_check.py --json "$JSON" $SMOKE --record "$1" --status "$2" --note "$3" "${@:4}"; }
 
 install_wheels() {
-    local t0 wheels log
+    local t0 log w
+    local wheels=()
     t0=$(date +%s)
     if [ -n "$SMOKE" ]; then
         record install skipped "--cpu-smoke checks this environment's packages"
         return
     fi
-    wheels=$(ls .gpu_wheels/*.whl 2>/dev/null | grep -v -E '/(typing_extensions|packaging)-')
-    if [ -z "$wheels" ]; then
+    for w in .gpu_wheels/*.whl; do
+        case "$w" in
+            */typing_extensions-*|*/packaging-*|*'*'*) ;;  # installed below only where older; no match
+            *) wheels+=("$w") ;;
+        esac
+    done
+    if [ ${#wheels[@]} -eq 0 ]; then
         record install fail "no wheels in .gpu_wheels/: run 'bash bench/gpu_wheels.sh' on the development machine and carry .gpu_wheels"
         return
     fi
@@ -73,10 +79,10 @@ install_wheels() {
     # --no-deps: the machine has torch, triton, numpy, ... (fla-core's triton>=3.3 is its 3.6). The two
     # shared libraries pydantic and megatron-core need newer are installed only where older.
     if timeout 90 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-            --root-user-action=ignore $wheels >"$log" 2>&1 \
+            --root-user-action=ignore "${wheels[@]}" >"$log" 2>&1 \
         && timeout 30 "$PY" -m pip install -q --no-index --no-compile --no-cache-dir --root-user-action=ignore \
             --find-links .gpu_wheels "typing_extensions>=4.16" "packaging>=24.2" >>"$log" 2>&1; then
-        record install ok "$(echo "$wheels" | wc -w) wheels in $(( $(date +%s) - t0 )) s"
+        record install ok "${#wheels[@]} wheels (+ typing_extensions, packaging where older) in $(( $(date +%s) - t0 )) s"
     else
         cat "$log"
         record install fail "pip: $(grep -v '^\s*$' "$log" | tail -1 | cut -c1-300)"
@@ -87,20 +93,21 @@ install_wheels() {
 # run_group "STAGES" CAP RESERVE: one Python process for STAGES, with a budget of at most CAP seconds
 # and never eating into RESERVE seconds kept for the groups after it.
 run_group() {
-    local stages="" s left budget rc
-    for s in $1; do wanted "$s" && stages="$stages $s"; done
-    [ -z "$stages" ] && return
+    local s left budget rc
+    local stages=()
+    for s in $1; do wanted "$s" && stages+=("$s"); done
+    [ ${#stages[@]} -eq 0 ] && return
     left=$((DEADLINE - $(date +%s)))
     budget=$((left - $3 < $2 ? left - $3 : $2))
     if [ "$budget" -lt 15 ]; then
-        for s in $stages; do record "$s" skipped "out of time: ${left} s of the ${BUDGET} s budget left"; done
+        for s in "${stages[@]}"; do record "$s" skipped "out of time: ${left} s of the ${BUDGET} s budget left"; done
         return
     fi
-    echo "== gpu_check:$stages (budget ${budget} s, $((DEADLINE - $(date +%s))) s left overall)"
-    timeout -k 5 $((budget + 20)) "$PY" bench/gpu_check.py --json "$JSON" $SMOKE --budget "$budget" $stages
+    echo "== gpu_check: ${stages[*]} (budget ${budget} s, $((DEADLINE - $(date +%s))) s left overall)"
+    timeout -k 5 $((budget + 20)) "$PY" bench/gpu_check.py --json "$JSON" $SMOKE --budget "$budget" "${stages[@]}"
     rc=$?
     if [ "$rc" -ne 0 ]; then
-        for s in $stages; do
+        for s in "${stages[@]}"; do
             record "$s" killed "its process ended with status $rc (124/137: the hard timeout of $((budget + 20)) s)" \
                 --if-absent
         done

@@ -51,11 +51,12 @@ rm -f "$DIR"/*.whl
 DS_BUILD_OPS=0 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$DIR" "$DEEPSPEED" \
     2> >(grep -v "is ignored: it is neither" >&2)
 
-if ls "$DIR" | grep -qi '^triton'; then
+if compgen -G "$DIR/triton-*" >/dev/null; then
     echo "gpu_wheels: a triton wheel is in $DIR; it must not travel (the machine's triton serves)" >&2
     exit 1
 fi
-count=$(ls "$DIR"/*.whl | wc -l)
+wheels=("$DIR"/*.whl)
+count=${#wheels[@]}
 mib=$(du -sm "$DIR" | cut -f1)
 echo "gpu_wheels: $count wheels, ${mib} MiB in $DIR"
 ls -1 "$DIR"
