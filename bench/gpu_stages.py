@@ -137,16 +137,17 @@ def stage_retention(smoke: bool, limit: float) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shape = RetentionShape(8, 4, 256, 512, 256) if not smoke else RetentionShape(4, 2, 16, 32, 32)
     lengths, tokens = ((2048, 16384), 16384) if not smoke else ((64, 256), 256)
-    fla, why = _fla_chunk()
+    fla, why, resets = fla_kernel()
     if device.type != "cuda":
-        fla, why = None, "unavailable: fla's Triton kernels need CUDA"
+        fla, why, resets = None, "unavailable: fla's Triton kernels need CUDA", False
     heads = f"{shape.local} local of {shape.heads} (TP {shape.heads // shape.local})"
     result: dict[str, Any] = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "fla": why,
                               "heads": heads, "Dk": shape.dk, "Dv": shape.dv, "summary": {}}
     worst = 0.0
     for t in lengths:
-        row = _retention_row(t, max(1, tokens // t), shape, dtype, device, fla, Clock(device),
-                             grads=t == lengths[0], reps=(5, 2) if not smoke else (2, 1))
+        first = t == lengths[0]
+        row = _retention_row(t, max(1, tokens // t), shape, dtype, device, fla, Clock(device), grads=first,
+                             resets=resets and first, reps=(5, 2) if not smoke else (2, 1))
         worst = max([worst, *(v for k, v in row.items() if "rel_err" in k)])
         result[f"T{t}"] = row
         result["summary"].update({f"T{t}_{k}": v for k, v in row.items()})
@@ -155,13 +156,17 @@ def stage_retention(smoke: bool, limit: float) -> dict:
     else:
         result["worst_rel_err"] = worst
         result["status"] = "ok" if worst < 2e-2 else "fail"
+        if result["status"] == "fail":
+            result["error"] = f"fla and torch retention differ by {worst:.3g} (relative; bf16 allows 2e-2)"
     return result
 
 
 def _retention_row(t: int, b: int, shape: RetentionShape, dtype, device, fla, clock, grads: bool,  # noqa: ANN001
-                   reps: tuple[int, int]) -> dict[str, Any]:
-    """One length: fla vs the reference for the decays of TP ranks 0 and 1 (outputs, final states and,
-    with `grads`, gradients), then both kernels' forward and forward+backward times (rank 1's decays)."""
+                   resets: bool, reps: tuple[int, int]) -> dict[str, Any]:
+    """One length: `fla` (megaret's contract: (q, k, v, log_decay, initial_state, reset=None) ->
+    (o, final_state)) vs the torch chunk form for the decays of TP ranks 0 and 1 (outputs, final
+    states; with `grads` the gradients, with `resets` document resets inside the samples), then both
+    kernels' forward and forward+backward times (rank 1's decays)."""
     import torch
 
     from megaret.ops import chunk_retention, retnet_log_decay
@@ -180,50 +185,70 @@ def _retention_row(t: int, b: int, shape: RetentionShape, dtype, device, fla, cl
         log_decay = retnet_log_decay(shape.heads, rank * shape.local, shape.local).to(device)
         ref_o, ref_s = chunk_retention(q, k, v, log_decay, s0, chunk_size=shape.chunk)
         if fla is not None:
-            o, s = fla(q, k, v, g_gamma=log_decay, scale=1.0, initial_state=s0, output_final_state=True)
+            o, s = fla(q, k, v, log_decay, s0)
             row[f"rank{rank}_rel_err_o"] = _rel(o, ref_o)
             row[f"rank{rank}_rel_err_state"] = _rel(s, ref_s)
+    if resets and fla is not None:  # documents starting inside the samples (and one at a sample start)
+        reset = torch.rand(b, t, generator=g, device=device) < 4 / t
+        reset[0, 0] = True
+        ref_o, ref_s = chunk_retention(q, k, v, log_decay, s0, chunk_size=shape.chunk, reset=reset)
+        o, s = fla(q, k, v, log_decay, s0, reset=reset)
+        row["resets"] = int(reset.sum())
+        row["reset_rel_err_o"], row["reset_rel_err_state"] = _rel(o, ref_o), _rel(s, ref_s)
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
 
+    def fwd_bwd(use_fla: bool) -> None:
+        for x in leaves:
+            x.grad = None
+        o, s = fla(*leaves, log_decay, s0) if use_fla else chunk_retention(*leaves, log_decay, s0,
+                                                                             chunk_size=shape.chunk)
+        (o.float().square().sum() + s.float().square().sum()).backward()
+
+    if grads and fla is not None:
+        fwd_bwd(False)
+        ref = [x.grad.clone() for x in leaves]
+        fwd_bwd(True)
+        row.update({f"rel_err_d{n}": _rel(x.grad, r) for n, x, r in zip("qkv", leaves, ref, strict=True)})
     def torch_fwd() -> Any:
         return chunk_retention(q, k, v, log_decay, s0, chunk_size=shape.chunk)
 
-    def fla_fwd() -> Any:
-        return fla(q, k, v, g_gamma=log_decay, scale=1.0, initial_state=s0, output_final_state=True)
-
-    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-
-    def fwd_bwd(use_fla: bool) -> list:
-        for x in leaves:
-            x.grad = None
-        if use_fla:
-            o, s = fla(*leaves, g_gamma=log_decay, scale=1.0, initial_state=s0, output_final_state=True)
-        else:
-            o, s = chunk_retention(*leaves, log_decay, s0, chunk_size=shape.chunk)
-        (o.float().square().sum() + s.float().square().sum()).backward()
-        return [x.grad.clone() for x in leaves]
-
-    if grads and fla is not None:
-        ref, got = fwd_bwd(False), fwd_bwd(True)
-        row.update({f"rel_err_d{n}": _rel(a, r) for n, a, r in zip("qkv", got, ref, strict=True)})
     with torch.no_grad():
         row["torch_fwd_ms"] = _ms(clock, torch_fwd, *reps)
     row["torch_fwd_bwd_ms"] = _ms(clock, lambda: fwd_bwd(False), *reps)
     if fla is not None:
         with torch.no_grad():
-            row["fla_fwd_ms"] = _ms(clock, fla_fwd, *reps)
+            row["fla_fwd_ms"] = _ms(clock, lambda: fla(q, k, v, log_decay, s0), *reps)
         row["fla_fwd_bwd_ms"] = _ms(clock, lambda: fwd_bwd(True), *reps)
         row["fla_speedup_fwd_bwd"] = round(row["torch_fwd_bwd_ms"] / row["fla_fwd_bwd_ms"], 2)
     return row
 
 
-def _fla_chunk() -> tuple[Any, str]:
+def fla_kernel() -> tuple[Any, str, bool]:
+    """The fla retention kernel under test, with megaret's contract: (kernel, what it is, takes resets).
+
+    megaret.ops.retention_fla.chunk_retention_fla (what model.retention_kernel=fla runs) where this
+    checkout has it, else fla's chunk_simple_gla called the same way (scale 1, g_gamma = the decays)."""
     try:
         import fla
         from fla.ops.simple_gla import chunk_simple_gla
-
-        return chunk_simple_gla, f"fla-core {fla.__version__} chunk_simple_gla"
     except Exception as exc:  # noqa: BLE001
-        return None, f"unavailable: {one_line(exc)}"
+        return None, f"unavailable: {one_line(exc)}", False
+    try:
+        from megaret.ops.retention_fla import chunk_retention_fla
+
+        def wrapped(q, k, v, log_decay, s0, reset=None):  # noqa: ANN001, ANN202
+            return chunk_retention_fla(q, k, v, log_decay, s0, reset=reset)
+
+        return wrapped, f"megaret.ops.retention_fla.chunk_retention_fla on fla-core {fla.__version__}", True
+    except Exception as exc:  # noqa: BLE001
+        missing = one_line(exc)
+
+    def raw(q, k, v, log_decay, s0, reset=None):  # noqa: ANN001, ANN202, ARG001
+        return chunk_simple_gla(q, k, v, g_gamma=log_decay, scale=1.0, initial_state=s0,
+                                output_final_state=True)
+
+    what = f"fla-core {fla.__version__} chunk_simple_gla (megaret.ops.retention_fla unavailable: {missing})"
+    return raw, what, False
 
 
 def _rel(a, b) -> float:  # noqa: ANN001

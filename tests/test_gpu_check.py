@@ -79,23 +79,23 @@ def test_the_wheel_list_has_one_version_of_each_and_no_triton():
 
 
 def test_the_fla_branch_of_the_retention_stage_runs_with_a_stand_in_kernel():
-    """What the GPU runs with fla's chunk_simple_gla, here with megaret's own op behind fla's signature
-    (bf16 on the CPU): every comparison and timing key comes out, and the errors are the bf16 rounding."""
+    """What the GPU runs with fla's kernel, here with megaret's own op in its place (bf16 on the CPU):
+    every comparison and timing key comes out, and the errors are the bf16 rounding."""
     import torch
 
     from bench import gpu_stages
     from bench.device import Clock
     from megaret.ops import chunk_retention
 
-    def stand_in(q, k, v, g_gamma, scale, initial_state, output_final_state):  # noqa: ARG001
-        return chunk_retention(q, k, v, g_gamma, initial_state, chunk_size=16)
+    def stand_in(q, k, v, log_decay, s0, reset=None):
+        return chunk_retention(q, k, v, log_decay, s0, chunk_size=16, reset=reset)
 
     shape = gpu_stages.RetentionShape(heads=4, local=2, dk=16, dv=32, chunk=32)
     cpu = torch.device("cpu")
     row = gpu_stages._retention_row(64, 2, shape, torch.bfloat16, cpu, stand_in, Clock(cpu), grads=True,
-                                   reps=(1, 1))
-    assert {"rank0_rel_err_o", "rank1_rel_err_state", "rel_err_dq", "fla_fwd_bwd_ms", "torch_fwd_ms",
-            "fla_speedup_fwd_bwd"} <= set(row)
+                                    resets=True, reps=(1, 1))
+    assert {"rank0_rel_err_o", "rank1_rel_err_state", "rel_err_dq", "reset_rel_err_o", "fla_fwd_bwd_ms",
+            "torch_fwd_ms", "fla_speedup_fwd_bwd"} <= set(row) and row["resets"] >= 1
     assert max(v for k, v in row.items() if "rel_err" in k) < 2e-2
 
 
