@@ -20,8 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megaret.data.corpus import Source  # noqa: E402
-from megaret.data.errors import DataError  # noqa: E402
 from megaret.data.shards import build_shards  # noqa: E402
+from megaret.entry import run_entry  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,30 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples-per-shard", type=int, default=None)
     ap.add_argument("--text-key", default="text", help="JSON field holding the text")
     args = ap.parse_args(argv)
-    try:
-        if args.default_corpus:
-            from megaret.data.default_corpus import default_sources
-
-            sources = default_sources(
-                Path(args.output).parent / ".megaret-cache", args.default_corpus == "small"
-            )
-        elif args.input:
-            sources = []
-            for i, path in enumerate(args.input):
-                name = args.name[i] if i < len(args.name) else Path(path).name
-                lic = args.license[i] if i < len(args.license) else "unknown (user data)"
-                sources.append(Source(name, str(Path(path).resolve()), lic))
-        else:
-            ap.error("give --input PATH (repeatable) or --default-corpus small|full")
-        t0 = time.time()
-        manifest = build_shards(
-            sources, args.output, seq_length=args.seq_length, tokenizer=args.tokenizer,
-            vocab_size=args.vocab_size, mode=args.mode, valid_fraction=args.valid_fraction,
-            split_seed=args.split_seed, samples_per_shard=args.samples_per_shard, text_key=args.text_key,
-        )  # fmt: skip
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if not (args.default_corpus or args.input):
+        ap.error("give --input PATH (repeatable) or --default-corpus small|full")
+    t0 = time.time()
+    manifest = run_entry(lambda: _build(args))
     m = json.loads(manifest.read_text())
     for split, info in m["splits"].items():
         print(
@@ -77,6 +57,26 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {manifest} in {time.time() - t0:.1f}s (vocab {m['tokenizer']['vocab_size']}, {m['dtype']})")
     return 0
 
+
+def _sources(args: argparse.Namespace) -> list[Source]:
+    if args.default_corpus:
+        from megaret.data.default_corpus import default_sources
+
+        return default_sources(Path(args.output).parent / ".megaret-cache", args.default_corpus == "small")
+    sources = []
+    for i, path in enumerate(args.input):
+        name = args.name[i] if i < len(args.name) else Path(path).name
+        lic = args.license[i] if i < len(args.license) else "unknown (user data)"
+        sources.append(Source(name, str(Path(path).resolve()), lic))
+    return sources
+
+
+def _build(args: argparse.Namespace) -> Path:
+    return build_shards(
+        _sources(args), args.output, seq_length=args.seq_length, tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size, mode=args.mode, valid_fraction=args.valid_fraction,
+        split_seed=args.split_seed, samples_per_shard=args.samples_per_shard, text_key=args.text_key,
+    )  # fmt: skip
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,7 +7,7 @@
 The allocation comes from the config's `launch` section; the job runs `python -m megaret.train`
 with the same config and overrides in every task. Without a reachable SLURM (no sbatch, or
 sinfo fails) the run goes to the LocalExecutor, with a message. A layout that cannot divide or
-cannot fit in launch.gpu_mem_gb is refused (exit 1); a config error exits 2.
+cannot fit in launch.gpu_mem_gb, like a config error, is refused in one line (exit 2).
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from megaret.config import ConfigError, load_config
+from megaret.config import load_config
+from megaret.entry import report_user_error
+from megaret.errors import EXIT_USER, UserError
 from megaret.launch import slurm
-from megaret.launch.plan import PlanError, format_plan, make_plan
+from megaret.launch.plan import format_plan, make_plan
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,12 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         overrides = [o for o in args.overrides if not o.startswith("run.dir=")] + [f"run.dir={run_dir}"]
         cfg = load_config(args.config, overrides)
         plan = make_plan(cfg)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    except PlanError as exc:
-        print(f"refused: {exc}", file=sys.stderr)
-        return 1
+    except UserError as exc:  # a config error or a plan that cannot work
+        report_user_error(exc)
+        return EXIT_USER
     if args.dry_run:
         print(format_plan(plan))
         print("\n# sbatch script (submitit)\n" + slurm.sbatch_script(cfg))

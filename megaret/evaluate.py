@@ -23,8 +23,10 @@ import json
 import math
 
 from megaret.data import open_split, resolve_manifests
-from megaret.infer.loading import InferenceError, add_model_args, load_model, run_entry
+from megaret.entry import run_entry
+from megaret.infer.loading import InferenceError, add_model_args, load_model
 from megaret.infer.perplexity import check_window, evaluate_documents, iter_documents
+from megaret.parallel.context import destroy_parallel_context
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -39,7 +41,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--min-doc-tokens", type=int, default=2,
                         help="skip documents of at most this many tokens (--context: full-length only)")
     parser.add_argument("overrides", nargs="*")
-    return run_entry("megaret.evaluate", _evaluate, parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    return run_entry(lambda: _evaluate(args), destroy_parallel_context)
 
 
 def _evaluate(args: argparse.Namespace) -> dict:

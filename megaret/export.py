@@ -25,6 +25,7 @@ import torch
 
 from megaret.checkpoint.consolidate import checkpoint_config, consolidate
 from megaret.checkpoint.files import CheckpointError
+from megaret.entry import run_entry
 from megaret.errors import UserError
 from megaret.models.spec import arch_spec
 
@@ -69,11 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="a checkpoint, checkpoints/ or run directory")
     parser.add_argument("--out", required=True, help="the .pt file to write")
     args = parser.parse_args(argv)
-    try:
-        path = export(args.checkpoint, args.out)
-    except (CheckpointError, ExportError) as exc:
-        print(f"export failed: {exc}", file=sys.stderr)
-        return 1
+    path = run_entry(lambda: export(args.checkpoint, args.out))
     meta = json.loads(Path(f"{path}.json").read_text(encoding="utf-8"))
     print(f"wrote {path}: {meta['parameters']} parameters (fp32, model.arch={meta['arch']}, "
           f"step {meta['step']})")

@@ -25,8 +25,10 @@ import time
 import torch
 
 from megaret.data import Tokenizer
+from megaret.entry import run_entry
 from megaret.infer.decoding import check_sampling, generate
-from megaret.infer.loading import InferenceError, add_model_args, load_model, resolve_tokenizer, run_entry
+from megaret.infer.loading import InferenceError, add_model_args, load_model, resolve_tokenizer
+from megaret.parallel.context import destroy_parallel_context
 
 
 class TextStream:
@@ -63,7 +65,8 @@ def main(argv: list[str] | None = None) -> list[int]:
     parser.add_argument("--greedy", action="store_true", help="argmax decoding (no sampling)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.num_layers=4")
-    return run_entry("megaret.generate", _generate, parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    return run_entry(lambda: _generate(args), destroy_parallel_context)
 
 
 def _generate(args: argparse.Namespace) -> list[int]:

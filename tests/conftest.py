@@ -1,8 +1,10 @@
 """Shared fixtures and the skip policy.
 
 Tests that need software only root can install (SLURM, MPI) install it when run as root
-and otherwise skip with the reason; with MEGARET_STRICT_SKIPS=1 (set by .ci/run) such a
-skip is a failure, so CI never passes by skipping. GPU tests skip without CUDA, always.
+and otherwise skip with the reason; tests of flash-linear-attention's kernels (marker
+`kernels`) skip without fla-core and triton (the `kernels` extra). With MEGARET_STRICT_SKIPS=1
+(set by .ci/run) such a skip is a failure, so CI never passes by skipping. GPU tests skip
+without CUDA, always.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+STRICT_MARKERS = ("root_install", "kernels")  # tests CI must run, never skip
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -24,9 +27,13 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     outcome = yield
     report = outcome.get_result()
     strict = os.environ.get("MEGARET_STRICT_SKIPS") == "1"
-    if strict and report.skipped and item.get_closest_marker("root_install") is not None:
-        report.outcome = "failed"
-        report.longrepr = f"MEGARET_STRICT_SKIPS=1 forbids skipping a root_install test: {report.longrepr}"
+    if not (strict and report.skipped):
+        return
+    for marker in STRICT_MARKERS:
+        if item.get_closest_marker(marker) is not None:
+            report.outcome = "failed"
+            report.longrepr = f"MEGARET_STRICT_SKIPS=1 forbids skipping a {marker} test: {report.longrepr}"
+            return
 
 
 @pytest.fixture(scope="session")

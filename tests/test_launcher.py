@@ -114,9 +114,9 @@ def test_dry_run_6_7b_prints_the_built_parameter_count_and_memory(ctx1, capsys):
     ],
 )
 def test_impossible_layout_is_refused(overrides, reason, capsys):
-    assert submit_main()(["--config", "configs/6.7b.yaml", "--dry-run", *overrides]) == 1
+    assert submit_main()(["--config", "configs/6.7b.yaml", "--dry-run", *overrides]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("refused: ") and reason in err
+    assert err.startswith("megaret: error: ") and reason in err
 
 
 def test_config_error_exits_2(capsys):

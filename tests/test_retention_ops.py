@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from megaret.ops import (
+    check_log_decay,
     chunk_retention,
     parallel_retention,
     recurrent_retention,
@@ -230,10 +231,18 @@ def test_validation_errors(fn):
         fn(q, k, v, lg[:2])
     with pytest.raises(ValueError, match=r"^initial_state has shape"):
         fn(q, k, v, lg, s0[:, :, :, :3])
+
+
+def test_decays_checked_where_built_not_per_call():
+    """The decay check runs when the decays are built (a host sync on GPU), not in every forward."""
+    lg = _log_decay(torch.float32)
+    for bad in (-lg, torch.full((H,), float("-inf")), torch.zeros(H)):
+        with pytest.raises(ValueError, match=r"^log_decay must be finite and < 0"):
+            check_log_decay(bad)
     with pytest.raises(ValueError, match=r"^log_decay must be finite and < 0"):
-        fn(q, k, v, -lg)
-    with pytest.raises(ValueError, match=r"^log_decay must be finite and < 0"):
-        fn(q, k, v, torch.full((H,), float("-inf")))
+        retnet_log_decay(160)  # 1 - 2^-164 rounds to 1 in fp32: gamma = 1 never forgets
+    q, k, v, _ = _inputs(9, t=7, dtype=torch.float32)
+    chunk_retention(q, k, v, -lg)  # the caller's promise: no check (no sync) per call
 
 
 def test_validation_chunk_size_and_step():

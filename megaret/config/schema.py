@@ -29,6 +29,7 @@ class ConfigError(UserError, ValueError):
 Arch = Literal["retnet", "transformer", "sliding", "brt"]
 FfnType = Literal["gelu", "swiglu"]
 RetentionMode = Literal["parallel", "chunk", "recurrent"]
+RetentionKernel = Literal["auto", "torch", "fla"]
 DecaySchedule = Literal["retnet", "loglinear"]
 NormType = Literal["layernorm", "rmsnorm"]
 GateType = Literal["fixed", "lstm"]
@@ -132,6 +133,10 @@ class ModelConfig(_Section):
     value_factor: int = 2  # value / gate width = value_factor * hidden_size
     chunk_size: int = 256  # chunk length of the chunkwise retention form
     retention_mode: RetentionMode = "chunk"
+    # what runs the chunk form: torch (megaret/ops/retention.py), fla (flash-linear-attention's
+    # Triton kernel, megaret/ops/retention_fla.py; pip install 'megaret[gpu]'), or auto: fla on CUDA
+    # when it is installed, else torch
+    retention_kernel: RetentionKernel = "auto"
     decay_schedule: DecaySchedule = "retnet"
     rotary_base: float = 10000.0
     norm_eps: float = 1e-6

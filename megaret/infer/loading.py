@@ -7,38 +7,22 @@ Used by the `megaret.generate` and `megaret.evaluate` entry points (which add th
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from megaret.checkpoint.files import CheckpointError
-from megaret.config import Config, ConfigError, load_config
-from megaret.data import DataError, Tokenizer, load_manifest, resolve_manifests
+from megaret.config import Config, load_config
+from megaret.data import Tokenizer, load_manifest, resolve_manifests
 from megaret.errors import UserError
 from megaret.models.spec import build_model
-from megaret.parallel.context import ParallelContext, build_parallel_context, destroy_parallel_context
+from megaret.parallel.context import ParallelContext, build_parallel_context
 from megaret.parallel.megatron_config import megatron_config
 
 
 class InferenceError(UserError, ValueError):
     """The model cannot be loaded or run as asked (one-line message naming the fix)."""
-
-
-#: the errors the inference entry points report in one line (the library raises them)
-USER_ERRORS = (CheckpointError, ConfigError, DataError, InferenceError)
-
-
-def run_entry(prog: str, body: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> Any:
-    """An entry point's body: the errors users cause become one line `prog: why` and exit 1; the
-    process group is left in every case."""
-    try:
-        return body(args)
-    except USER_ERRORS as exc:
-        raise SystemExit(f"{prog}: {exc}") from None
-    finally:
-        destroy_parallel_context()
 
 
 def resolve_tokenizer(cfg: Config, explicit: str | None) -> Tokenizer:

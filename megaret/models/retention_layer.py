@@ -3,7 +3,8 @@
     Y = GroupNorm_h(Retention(X W_Q, X W_K, X W_V)),  MSR(X) = (swish(X W_G) * Y) W_O
 
 Each TP rank holds H / tp whole heads; their decays come from the GLOBAL head index, so a
-TP=4 run computes exactly what a TP=1 run does.
+TP=4 run computes exactly what a TP=1 run does. The chunk form runs on torch or on
+flash-linear-attention's kernel as model.retention_kernel says (megaret/ops/retention_fla.py).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from megatron.core.transformer import TransformerConfig
 from torch import nn
 
-from megaret.config.schema import RetentionMode, check_choice
+from megaret.config.schema import RetentionKernel, RetentionMode, check_choice
 from megaret.models.norms import head_norm
 from megaret.models.parallel_linear import column, row
 from megaret.models.rotary import Rotary
@@ -24,6 +25,7 @@ from megaret.ops import (
     retention_step,
     retnet_log_decay,
 )
+from megaret.ops.retention_fla import check_kernel, chunk_retention_fla, uses_fla
 from megaret.parallel.context import TensorParallel
 
 
@@ -38,6 +40,7 @@ class MultiScaleRetention(nn.Module):
         *,
         chunk_size: int,
         decay_schedule: str = "retnet",
+        kernel: RetentionKernel = "auto",
         rotary_base: float = 10000.0,
         norm_eps: float = 1e-6,
     ) -> None:
@@ -48,6 +51,8 @@ class MultiScaleRetention(nn.Module):
         self.key_dim = hidden // num_heads
         self.value_dim = value_factor * hidden // num_heads
         self.chunk_size = chunk_size
+        check_kernel(kernel)
+        self.kernel = kernel  # model.retention_kernel: what runs the chunk form
         self.norm_eps = norm_eps
         self.q_proj = column(hidden, hidden, config, tp)
         self.k_proj = column(hidden, hidden, config, tp)
@@ -89,7 +94,8 @@ class MultiScaleRetention(nn.Module):
         if mode == "parallel":
             o, new_state = parallel_retention(q, k, v, log_decay, state, reset)
         elif mode == "chunk":
-            o, new_state = chunk_retention(q, k, v, log_decay, state, chunk_size=self.chunk_size, reset=reset)
+            chunk = chunk_retention_fla if uses_fla(self.kernel, q.device) else chunk_retention
+            o, new_state = chunk(q, k, v, log_decay, state, chunk_size=self.chunk_size, reset=reset)
         elif mode == "recurrent":
             if q.shape[1] == 1:  # one decoding step: O(1) in the context length
                 o, new_state = retention_step(q[:, 0], k[:, 0], v[:, 0], log_decay, state,

@@ -66,7 +66,7 @@ class RetNetBlock(nn.Module):
         self.retention_norm = build_norm(cfg.norm_type, cfg.hidden_size, cfg.norm_eps)
         self.retention = MultiScaleRetention(
             cfg.hidden_size, cfg.num_heads, cfg.value_factor, config, tp,
-            chunk_size=cfg.chunk_size, decay_schedule=cfg.decay_schedule,
+            chunk_size=cfg.chunk_size, decay_schedule=cfg.decay_schedule, kernel=cfg.retention_kernel,
             rotary_base=cfg.rotary_base, norm_eps=cfg.norm_eps,
         )
         self.ffn_norm = build_norm(cfg.norm_type, cfg.hidden_size, cfg.norm_eps)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from megaret.config.schema import DecaySchedule, choices
+from megaret.ops.retention import check_log_decay
 
 SCHEDULES: tuple[str, ...] = choices(DecaySchedule)
 
@@ -59,4 +60,6 @@ def retnet_log_decay(
             f"heads [{head_offset}, {head_offset + num_local_heads}) do not fit in {num_heads} global heads"
         )
     full = _full_log_decay(num_heads, schedule)
-    return full[head_offset : head_offset + num_local_heads].to(torch.float32)
+    local = full[head_offset : head_offset + num_local_heads].to(torch.float32)
+    check_log_decay(local)  # fp32 rounds a decay within 2^-150 of 1 to exactly 1: refused here, once
+    return local

@@ -17,7 +17,8 @@ positions before the first reset, and the final state holds only the keys after 
 (plus S_0 when there is no reset at all). ``reset=None`` is the unchanged no-reset path.
 
 Contract (shared with flash-linear-attention style ops):
-  q, k: ``(B, T, H, Dk)``; v: ``(B, T, H, Dv)``; log_decay: ``(H,)`` with log_decay < 0, finite;
+  q, k: ``(B, T, H, Dk)``; v: ``(B, T, H, Dv)``; log_decay: ``(H,)`` with log_decay < 0, finite
+  (the forms do not check it: :func:`check_log_decay` does, where the decays are built);
   initial_state: ``(B, H, Dk, Dv)`` or None. Every form returns ``(o, final_state)`` with o
   ``(B, T, H, Dv)`` in the dtype of q and final_state ``(B, H, Dk, Dv)``.
 
@@ -37,7 +38,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["parallel_retention", "chunk_retention", "recurrent_retention", "retention_step"]
+__all__ = [
+    "check_log_decay", "chunk_retention", "parallel_retention", "recurrent_retention", "retention_step",
+]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -93,9 +96,6 @@ def _validate(
         raise ValueError(f"log_decay has dtype {log_decay.dtype}; expected a floating dtype")
     if log_decay.device != q.device:
         raise ValueError(f"log_decay is on device {log_decay.device}; expected {q.device} matching q")
-    # gamma = exp(log_decay) must be in (0, 1): log_decay < 0 and finite. (One host sync.)
-    if not bool(((log_decay < 0) & torch.isfinite(log_decay)).all()):
-        raise ValueError(f"log_decay must be finite and < 0 (gamma in (0, 1)); got {log_decay.tolist()}")
     if state is not None:
         if not isinstance(state, Tensor):
             raise ValueError(f"{state_name} must be a torch.Tensor or None, got {type(state).__name__}")
@@ -109,6 +109,16 @@ def _validate(
             raise ValueError(f"{state_name} is on device {state.device}; expected {q.device} matching q")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+
+
+def check_log_decay(log_decay: Tensor) -> None:
+    """gamma = exp(log_decay) must be in (0, 1): log_decay < 0 and finite; ValueError otherwise.
+
+    Checked where the decays are built (megaret/ops/decay.py), not in the forms: on a GPU the
+    check is a host sync, which the forward of every layer would pay again on every call.
+    """
+    if not bool(((log_decay < 0) & torch.isfinite(log_decay)).all()):
+        raise ValueError(f"log_decay must be finite and < 0 (gamma in (0, 1)); got {log_decay.tolist()}")
 
 
 def _validate_reset(reset: Tensor | None, q: Tensor, *, step: bool = False) -> None:

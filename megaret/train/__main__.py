@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megaret.config import ConfigError, load_config
+from megaret.config import load_config
+from megaret.entry import run_entry
 from megaret.parallel.context import destroy_parallel_context
-from megaret.train.trainer import Trainer, TrainingError
+from megaret.train.trainer import Trainer
 
 
 def arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -25,19 +26,18 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = arguments(argv)
+    return run_entry(lambda: _train(args))
+
+
+def _train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
     try:
-        cfg = load_config(args.config, args.overrides)
-        trainer = Trainer(cfg)  # refuses what this machine cannot run (parallel.backend=nccl, no CUDA)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        trainer.train()
-    except TrainingError as exc:
-        print(f"training stopped: {exc}", file=sys.stderr, flush=True)
-        return 1
+        trainer = Trainer(cfg)
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
     finally:
-        trainer.close()
         destroy_parallel_context()
     return 0
 
