@@ -8,7 +8,8 @@
 #      carry:     [".gpu_wheels"]
 #      timeout_s: 420        (the check stops itself by ~300 s; the rest is margin for a hung stage)
 #    Results: $OUT/gpu_check.json (+ $OUT/gpu_check.log, the whole output); `stage.key=value` lines and
-#    a closing `check.<stage>=<status>` block in the output tail.
+#    a closing `check.<stage>=<status>` block in the output tail. To rerun only some stages (on a warm
+#    machine the wheels are still installed): bash bench/gpu_check.sh --only "train pytest"
 #
 #   bash bench/gpu_check.sh [--json PATH] [--budget SECONDS] [--only "STAGE ..."]
 #   bash bench/gpu_check.sh --cpu-smoke [--json PATH]     every stage at toy size on the CPU (CI runs it:
@@ -39,7 +40,7 @@ while [ $# -gt 0 ]; do
         --json) JSON=$2; shift ;;
         --budget) BUDGET=$2; shift ;;
         --only) ONLY=$2; shift ;;
-        -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
         *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
