@@ -8,8 +8,8 @@
 #      carry:     [".gpu_wheels"]
 #      timeout_s: 420        (the check stops itself by ~300 s; the rest is margin for a hung stage)
 #    Results: $OUT/gpu_check.json (+ $OUT/gpu_check.log, the whole output); `stage.key=value` lines and
-#    a closing `check.<stage>=<status>` block in the output tail. To rerun only some stages (on a warm
-#    machine the wheels are still installed): bash bench/gpu_check.sh --only "train pytest"
+#    a closing `check.<stage>=<status>` block in the output tail. To rerun only some stages (keep
+#    install: a machine idle for 30 s is handed back bare): bash bench/gpu_check.sh --only "install train"
 #
 #   bash bench/gpu_check.sh [--json PATH] [--budget SECONDS] [--only "STAGE ..."]
 #   bash bench/gpu_check.sh --cpu-smoke [--json PATH]     every stage at toy size on the CPU (CI runs it:
