@@ -2,6 +2,8 @@
 the Transformer's KV cache, same width and depth, equal parameters (RetNet FFN 2d, Transformer 4d).
 
     python bench/decoding.py [--quick] [--hidden 1024 --layers 4 --heads 8 --vocab 32000]
+    python bench/decoding.py --device cuda --dtype bf16 --hidden 2048 --layers 4 --heads 8 \
+        --transformer-heads 16 --lengths 1024 16384      # the 1.3B widths, 4 layers, on a GPU
 
 For each batch size (1, 8) and context length L (1k .. 16k) the carried state is filled
 synthetically at length L (random RetNetState matrices; random KV caches of L keys in
@@ -11,9 +13,13 @@ load. The Transformer's steps advance its cache (L, L + 1, ...: what decoding do
 in-place append needs the cache at its buffer's frontier).
 Latency is the minimum over the repetitions (the median is in the table too): on a shared
 machine the minimum estimates a step's own cost, the median mostly the other tenants'.
+On a GPU (`--device cuda`, `--dtype bf16`) each step is timed with CUDA events after `--warmup`
+untimed steps (bench/device.py); the RetNet state stays fp32 (the retention ops carry it so), the
+KV cache is in the model's dtype, and memory growth is the allocator's (torch.cuda.memory_allocated).
 
 Memory: the bytes each decoder holds (weights + state / KV cache, exact tensor sizes) and the
-measured growth of resident memory when its state was created (/proc/self/statm).
+measured growth of resident memory when its state was created (/proc/self/statm; on a GPU the
+allocated device memory).
 Bytes read per token (the bound for memory-bound decoding): all weights but the embedding
 table (B rows of it), plus the whole KV cache (Transformer) or the retention states (RetNet).
 Beside each measured latency ratio the bytes ratio is printed.
@@ -44,7 +50,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -64,39 +69,41 @@ def nbytes(tensors) -> int:  # noqa: ANN001
 HEADROOM = 64  # free cache slots beyond L: the Transformer's timed steps append into them
 
 
-def best_ms(fn, reps: int) -> float:  # noqa: ANN001
-    """The minimum wall time of fn() over reps calls after one warm-up, in ms."""
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times) * 1e3
+def best_ms(clock, fn, reps: int, warmup: int = 1) -> float:  # noqa: ANN001
+    """The minimum time of fn() over reps calls after `warmup` untimed ones, in ms (bench/device.py)."""
+    return min(clock.times(fn, reps, warmup)) * 1e3
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from bench.device import add_device_args
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="hidden 256, 2 layers, L in 1k and 4k")
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--transformer-heads", type=int, default=None, help="default: --heads")
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--lengths", type=int, nargs="*", default=[1024, 2048, 4096, 8192, 16384])
     ap.add_argument("--batches", type=int, nargs="*", default=[1, 8])
     ap.add_argument("--reps", type=int, default=7, help=f"timed steps per decoder (< {HEADROOM - 2})")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared machine)")
-    ap.add_argument("--plot", default=str(OUT_DIR / "decoding.png"))
+    ap.add_argument("--plot", default=str(OUT_DIR / "decoding.png"), help="PNG path, or 'none'")
+    add_device_args(ap)
     args = ap.parse_args(argv)
     if args.quick:
         args.hidden, args.layers, args.heads, args.vocab = 256, 2, 4, 2048
         args.lengths, args.reps = [1024, 4096], 3
-    if args.reps > HEADROOM - 2:
-        ap.error(f"--reps must stay below {HEADROOM - 2}: the cache has {HEADROOM} free slots")
+    if args.reps + args.warmup > HEADROOM - 2:
+        ap.error(f"--reps + --warmup must stay below {HEADROOM - 2}: the cache has {HEADROOM} free slots")
 
     import torch
     import torch.nn.functional as F
 
+    from bench.device import Clock, describe, resolve
+
+    device, dtype = resolve(ap, args)
+    clock = Clock(device)
     torch.set_num_threads(args.threads)
     from megaret.config import ModelConfig, ParallelConfig
     from megaret.models.attention_layer import KVCache
@@ -107,14 +114,15 @@ def main(argv: list[str] | None = None) -> dict:
     from megaret.parallel.megatron_config import megatron_config
 
     ctx = build_parallel_context(1, 1, seed=0)
-    d, nl, nh = args.hidden, args.layers, args.heads
-    common = dict(vocab_size=args.vocab, hidden_size=d, num_layers=nl, num_heads=nh, dropout=0.0)
-    cfgs = {"retnet": ModelConfig(arch="retnet", ffn_hidden_size=2 * d, **common),
-            "transformer": ModelConfig(arch="transformer", ffn_hidden_size=4 * d, **common)}
+    d, nl, nh = args.hidden, args.layers, args.transformer_heads or args.heads  # nh: the Transformer's
+    common = dict(vocab_size=args.vocab, hidden_size=d, num_layers=nl, dropout=0.0)
+    cfgs = {"retnet": ModelConfig(arch="retnet", num_heads=args.heads, ffn_hidden_size=2 * d, **common),
+            "transformer": ModelConfig(arch="transformer", num_heads=nh, ffn_hidden_size=4 * d, **common)}
     models = {}
     for name, cfg in cfgs.items():
         torch.manual_seed(0)
-        models[name] = build_model(cfg, megatron_config(cfg, ParallelConfig()), ctx.tp).eval()
+        model = build_model(cfg, megatron_config(cfg, ParallelConfig()), ctx.tp)
+        models[name] = model.to(device, dtype).eval()
     params = {n: sum(p.numel() for p in m.parameters()) for n, m in models.items()}
     weight_bytes = {n: nbytes(m.parameters()) for n, m in models.items()}
     embed_bytes = {n: nbytes([m.embedding.weight]) for n, m in models.items()}
@@ -123,12 +131,17 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"parameters: retnet {params['retnet']:,}  transformer {params['transformer']:,}", file=sys.stderr)
 
     def make_state(name: str, b: int, length: int):
-        g = torch.Generator().manual_seed(length)
-        if name == "retnet":
+        g = torch.Generator(device=device).manual_seed(length)
+        if name == "retnet":  # fp32: the retention ops carry the state in fp32 whatever the dtype
             shape = (b, ret.local_heads, ret.key_dim, ret.value_dim)
-            return RetNetState([torch.randn(shape, generator=g) * 0.02 for _ in range(nl)], length)
+            return RetNetState([torch.randn(shape, generator=g, device=device) * 0.02 for _ in range(nl)],
+                               length)
         kv = (b, nh, length + HEADROOM, hd)  # L random keys/values, then free slots for the steps
-        bufs = [(torch.randn(kv, generator=g), torch.randn(kv, generator=g)) for _ in range(nl)]
+
+        def randn() -> torch.Tensor:
+            return torch.randn(kv, generator=g, device=device, dtype=dtype)
+
+        bufs = [(randn(), randn()) for _ in range(nl)]
         caches = [KVCache.from_buffers(k, v, None, length) for k, v in bufs]  # takes the buffers over
         return TransformerState(caches, length)
 
@@ -175,42 +188,47 @@ def main(argv: list[str] | None = None) -> dict:
     @torch.no_grad()
     def gemms(name: str, b: int) -> float:
         """ms for the weight GEMMs alone of one decoding step of `name` at batch b."""
-        xs = {w.shape[1]: torch.randn(b, w.shape[1]) for w in weights[name]}
-        return best_ms(lambda: [F.linear(xs[w.shape[1]], w) for w in weights[name]], args.reps)
+        xs = {w.shape[1]: torch.randn(b, w.shape[1], device=device, dtype=dtype) for w in weights[name]}
+        return best_ms(clock, lambda: [F.linear(xs[w.shape[1]], w) for w in weights[name]], args.reps,
+                       args.warmup)
 
     @torch.no_grad()
     def attention_ms(state, b: int) -> float:  # noqa: ANN001
         """ms for the Transformer's attention alone: one query per sample over each layer's cache."""
-        q = torch.randn(b, nh, 1, hd)
-        return best_ms(lambda: [F.scaled_dot_product_attention(q, c.k, c.v) for c in state.layers], args.reps)
+        q = torch.randn(b, nh, 1, hd, device=device, dtype=dtype)
+        return best_ms(clock, lambda: [F.scaled_dot_product_attention(q, c.k, c.v) for c in state.layers],
+                       args.reps, args.warmup)
 
+    def held_bytes() -> int:
+        return torch.cuda.memory_allocated(device) if device.type == "cuda" else rss_bytes()
+
+    embed_row_bytes = torch.finfo(dtype).bits // 8  # per element of the B embedding rows read
     deciders = ["retnet", "transformer", "transformer_prealloc"]
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2  # the prealloc loop vs the model's forward
     rows, roof = [], {}
     for b in args.batches:
-        tok = torch.randint(args.vocab, (b, 1))
+        tok = torch.randint(args.vocab, (b, 1), device=device)
         for length in args.lengths:
             states.clear()
             grown = {}
             for name in models:
-                r0 = rss_bytes()
+                r0 = held_bytes()
                 states[name] = make_state(name, b, length)
-                grown[name] = rss_bytes() - r0
+                grown[name] = held_bytes() - r0
             sizes = {n: nbytes(state_tensors(states[n])) for n in models}  # at length L
             p = step("transformer_prealloc", tok)  # writes the frontier slot L, reads L + 1 keys
             a = step("transformer", tok)  # writes the same slot (same key/value), advances to L + 1
             prealloc_err = ((a - p).abs().max() / a.abs().max()).item()
-            if prealloc_err > 1e-4:
+            if prealloc_err > tolerance:
                 raise AssertionError(f"the prealloc step disagrees with the model: {prealloc_err:.2e}")
             if length == max(args.lengths):  # the roofline parts, under the same load as the steps
                 roof[b] = {"gemm_ms": {n: gemms(n, b) for n in models}, "kv_bytes": sizes["transformer"],
                            "attention_ms": attention_ms(states["transformer"], b)}
             times = {n: [] for n in deciders}
-            for rep in range(args.reps + 1):  # the first round warms up
+            for rep in range(args.reps + args.warmup):  # the first rounds warm up
                 for name in (deciders if rep % 2 else deciders[::-1]):
-                    t0 = time.perf_counter()
-                    step(name, tok)
-                    dt = time.perf_counter() - t0
-                    if rep:
+                    dt = clock.time(lambda name=name, tok=tok: step(name, tok))
+                    if rep >= args.warmup:
                         times[name].append(dt)
             if states["transformer"].layers[0].buffer.capacity != length + HEADROOM:
                 raise AssertionError("the Transformer's cache was reallocated while timing")
@@ -221,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
                 row[f"{name}_median_ms"] = round(median(times[name]) * 1e3, 3)
             for name in models:
                 sb = sizes[name]
-                read[name] = weight_bytes[name] - embed_bytes[name] + b * d * 4 + sb
+                read[name] = weight_bytes[name] - embed_bytes[name] + b * d * embed_row_bytes + sb
                 row[f"{name}_state_mib"] = round(sb / 2**20, 2)
                 row[f"{name}_held_mib"] = round((weight_bytes[name] + sb) / 2**20, 1)
                 row[f"{name}_rss_growth_mib"] = round(grown[name] / 2**20, 1)
@@ -286,14 +304,14 @@ def main(argv: list[str] | None = None) -> dict:
                                [r[f"{m}_{key}"] for r in rows if r["batch"] == b])
                 for b in args.batches for m in names}
 
-    plot = save_plot(Path(args.plot), [
+    plot = None if args.plot == "none" else save_plot(Path(args.plot), [
         {"title": "per-token latency", "xlabel": "context length", "ylabel": "ms",
          "series": series("ms", deciders)},
         {"title": "memory held (weights + state/cache)", "xlabel": "context length", "ylabel": "MiB",
          "series": series("held_mib", models)},
-    ], f"decoding, CPU fp32, hidden {d}, {nl} layers, {nh} heads")
-    result = {"bench": "decoding", "config": vars(args), "parameters": params, "table": rows, "plot": plot,
-              "roofline": {str(b): r for b, r in roof.items()}, "summary": pairs}
+    ], f"decoding, {describe(device)} {args.dtype}, hidden {d}, {nl} layers, {args.heads}/{nh} heads")
+    result = {"bench": "decoding", "config": vars(args), "device": describe(device), "parameters": params,
+              "table": rows, "plot": plot, "roofline": {str(b): r for b, r in roof.items()}, "summary": pairs}
     emit("decoding", result, pairs)
     return result
 

@@ -1,6 +1,7 @@
 """Forward+backward time and peak memory of the retention forms against sequence length.
 
     python bench/retention_forms.py [--quick] [--heads 4 --head-dim 32 --chunk 256 --max-gb 10]
+    python bench/retention_forms.py --device cuda --dtype bf16 --heads 4 --head-dim 256
 
 parallel_retention (O(T^2) memory: the (B, H, T, T) score and decay matrices) from 512 up to
 8192, chunk_retention (O(T C)) from 512 to 32768, on a tiny width on CPU (fp32, batch 1).
@@ -14,7 +15,12 @@ its peak. The child caps its address space (RLIMIT_AS) at its size before the ru
 reported as out of memory instead of taking the machine down.
 
 Time: the fastest of the child's timed repetitions after that first run (on a shared
-machine the minimum estimates the form's own cost; the median is reported too). Points of the two
+machine the minimum estimates the form's own cost; the median is reported too).
+
+On a GPU (`--device cuda`, `--dtype bf16|fp32`) the points run in this process: inputs made
+first, `--warmup` untimed runs, then each run timed with CUDA events (bench/device.py); memory is
+the allocator's peak during the run above what it held before (torch.cuda.max_memory_allocated),
+and a point past the card's memory is reported as out of memory. Points of the two
 forms run interleaved (for each T: parallel, chunk, alternating which goes first), so both
 see the same machine load; the goal ratios compare adjacent measurements.
 Goal: at T=8192 the chunkwise form is >= 8x faster and needs <= 1/8 of the memory.
@@ -85,7 +91,42 @@ def measure(form: str, t: int, args: argparse.Namespace, reps: int) -> dict:
     return out
 
 
+def measure_cuda(form: str, t: int, args: argparse.Namespace, reps: int, dtype) -> dict:  # noqa: ANN001
+    """One (form, T) point on the GPU, in this process (see the module docstring)."""
+    import torch
+
+    from bench.device import Clock
+    from megaret.ops import chunk_retention, parallel_retention, retnet_log_decay
+
+    fn = parallel_retention if form == "parallel" else (lambda *a: chunk_retention(*a, chunk_size=args.chunk))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shape = (1, t, args.heads, args.head_dim)
+    xs = [torch.randn(shape, device="cuda", dtype=dtype, generator=g).requires_grad_() for _ in range(3)]
+    log_decay = retnet_log_decay(args.heads).cuda()
+
+    def run() -> None:
+        for x in xs:
+            x.grad = None
+        o, s = fn(*xs, log_decay)
+        (o.float().square().mean() + s.square().mean()).backward()
+
+    try:
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        times = Clock(torch.device("cuda")).times(run, reps, args.warmup)
+        peak = torch.cuda.max_memory_allocated() - before
+    except torch.cuda.OutOfMemoryError as exc:
+        return {"oom": True, "error": str(exc).splitlines()[0][:160]}
+    finally:
+        xs.clear()
+        torch.cuda.empty_cache()
+    return {"oom": False, "peak_bytes": peak, "times": times, "time_s": min(times), "median_s": median(times)}
+
+
 def main(argv: list[str] | None = None) -> dict:
+    from bench.device import add_device_args
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="T in 512 and 2048, CI-fast")
     ap.add_argument("--heads", type=int, default=4)
@@ -94,8 +135,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-gb", type=float, default=10.0, help="address-space budget per point")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared machine)")
-    ap.add_argument("--plot", default=str(OUT_DIR / "retention_forms.png"))
+    ap.add_argument("--plot", default=str(OUT_DIR / "retention_forms.png"), help="PNG path, or 'none'")
+    add_device_args(ap)
     args = ap.parse_args(argv)
+    dtype = None
+    if args.device == "cuda" or args.dtype != "fp32":
+        from bench.device import resolve
+
+        _, dtype = resolve(ap, args)
+        if args.device == "cpu":
+            ap.error("--dtype bf16 is measured on --device cuda only (the CPU points run fp32 children)")
     if args.quick:
         par_ts, chunk_ts, reps = [512, 2048], [512, 2048], args.reps or 2
     else:
@@ -110,7 +159,10 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             if form == "chunk" and t not in chunk_ts:
                 continue
-            r = measure(form, t, args, reps)
+            if args.device == "cuda":
+                r = measure_cuda(form, t, args, reps, dtype)
+            else:
+                r = measure(form, t, args, reps)
             points[form][t] = r
             if form == "parallel" and r["oom"]:
                 parallel_dead = True  # longer sequences need more still
@@ -146,12 +198,13 @@ def main(argv: list[str] | None = None) -> dict:
         ts = sorted(points[form])
         return ts, [None if points[form][t]["oom"] else points[form][t][key] * scale for t in ts]
 
-    plot = save_plot(Path(args.plot), [
+    where = "CPU fp32" if args.device == "cpu" else f"{args.device} {args.dtype}"
+    plot = None if args.plot == "none" else save_plot(Path(args.plot), [
         {"title": "forward+backward time", "xlabel": "T (tokens)", "ylabel": "ms",
          "series": {f: series(f, "time_s", 1e3) for f in ("parallel", "chunk")}},
         {"title": "peak extra resident memory", "xlabel": "T (tokens)", "ylabel": "MiB",
          "series": {f: series(f, "peak_bytes", 2**-20) for f in ("parallel", "chunk")}},
-    ], f"retention forms, CPU fp32, B=1 H={args.heads} D={args.head_dim} chunk={args.chunk}")
+    ], f"retention forms, {where}, B=1 H={args.heads} D={args.head_dim} chunk={args.chunk}")
     result = {"bench": "retention_forms", "config": vars(args), "table": table, "plot": plot,
               "summary": pairs}
     emit("retention_forms", result, pairs)

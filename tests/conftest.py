@@ -38,16 +38,20 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 
 @pytest.fixture(scope="session")
 def ctx1():
-    """A one-process gloo world with megatron's parallel state at TP=PP=1."""
+    """A one-process gloo world (CPU ranks, also on a GPU machine) with megatron's parallel state at
+    TP=PP=1. GPU tests may move a model built on it to CUDA: at TP=1 no collective runs."""
     from megaret.parallel.context import build_parallel_context
 
-    return build_parallel_context(1, 1, seed=1234)
+    return build_parallel_context(1, 1, seed=1234, backend="gloo")
 
 
 def run_distributed(
-    script: str, nproc: int, *args: str, timeout: int = 600
+    script: str, nproc: int, *args: str, timeout: int = 600, gpu: bool = False
 ) -> subprocess.CompletedProcess:
-    """Launch tests/distributed/<script> on `nproc` CPU ranks (torchrun); fail with its output."""
+    """Launch tests/distributed/<script> on `nproc` ranks (torchrun); fail with its output.
+
+    The ranks run on the CPU (gloo, CPU tensors) with CUDA hidden, also on a GPU machine, unless
+    `gpu`: then they see the GPUs and parallel.backend=auto picks nccl."""
     with socket.socket() as s:  # torchrun's --master_port 0 hangs on gloo: pick a free port
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -57,6 +61,8 @@ def run_distributed(
         str(REPO / "tests" / "distributed" / script), *args,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    if not gpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # torch sees no GPU: auto -> gloo, CPU devices, CPU adapters on
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
     if proc.returncode != 0:
         raise AssertionError(f"{script} on {nproc} ranks failed ({proc.returncode}):\n"

@@ -35,6 +35,7 @@ STEPS = 40
 COMMON = [
     "data.source=synthetic", f"train.steps={STEPS}", "train.log_interval=1", "train.eval_steps=0",
     "logging.tensorboard=false", "checkpoint.interval=3", "checkpoint.keep_last=2",
+    "parallel.backend=gloo",  # CPU ranks also on a GPU machine (two ranks cannot share one GPU under NCCL)
 ]
 STEP_SLEEP_S = 0.25  # fault plan sleep_each_step_s: a full run takes > 10 s, so kills land mid-run
 SEED = 20261122

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import subprocess
 import sys
 import textwrap
@@ -17,7 +18,8 @@ import torch
 
 from megaret.parallel import cpu_adapters
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the adapters apply only without CUDA")
+# The adapters apply to CPU ranks (ctx1 is a gloo world on the CPU also on a GPU machine); on a CUDA
+# device they are off (tests/test_gpu_ready.py).
 
 
 def _source(module: str) -> str:
@@ -72,14 +74,15 @@ def test_without_adapters_megatron_fails_on_cpu():
         except (RuntimeError, AssertionError) as e:
             print("FAILS:", type(e).__name__)
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # CPU ranks, also on a GPU machine
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert out.stdout.count("FAILS:") == 2, out.stdout + out.stderr
 
 
 # --- each adapter works --------------------------------------------------------------
 
 def test_adapters_apply_and_map_cuda_to_cpu(ctx1):
-    assert cpu_adapters.apply_cpu_adapters() is True
+    assert cpu_adapters.apply_cpu_adapters(torch.device("cpu")) is True
     for name in cpu_adapters.PATCHED_MODULES:
         module = importlib.import_module(name)
         assert module.torch.cuda.current_device() == "cpu", name

@@ -1,4 +1,5 @@
-"""Single-GPU smoke test: the tiny RetNet runs forward and backward in bf16 on CUDA (TP=1)."""
+"""Single-GPU smoke tests: the tiny RetNet runs forward and backward in bf16 on CUDA (TP=1, on the
+CPU-ranked `ctx1` world), and the trainer runs bf16 steps in a launched rank on NCCL (CPU adapters off)."""
 
 from __future__ import annotations
 
@@ -36,9 +37,10 @@ def test_trainer_bf16_steps_on_cuda(tmp_path):
 
     from tests.conftest import run_distributed
 
-    proc = run_distributed("train_features.py", 1, "gpu", str(tmp_path))
+    proc = run_distributed("train_features.py", 1, "gpu", str(tmp_path), gpu=True)
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
     r = json.loads(line[len("RESULT "):])
     assert r["device"].startswith("cuda")
+    assert r["backend"] == "nccl" and r["cpu_adapters"] is False  # parallel.backend=auto on a GPU
     assert all(v == v for v in r["losses"]) and r["losses"][-1] < r["losses"][0]
     assert len(r["evals"]) == 2

@@ -24,6 +24,7 @@ from tests.conftest import REPO, tensorboard_scalars
 STEPS = 4
 TINY_TP2 = [
     "parallel.tensor=2",
+    "parallel.backend=gloo",  # CPU ranks also on a GPU machine (two ranks cannot share one GPU under NCCL)
     f"train.steps={STEPS}",
     "train.log_interval=1",
     "launch.tasks_per_node=2",

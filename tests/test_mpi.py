@@ -24,7 +24,8 @@ PROBE = (
     "open(f'{sys.argv[1]}/{e.rank}.json', 'w').write("
     "json.dumps({**e.__dict__, 'env': {k: os.environ[k] for k in e.torch_env()}}))"
 )
-TRAIN = ["--config", "configs/tiny.yaml", "parallel.tensor=2", "train.steps=4", "train.log_interval=1"]
+TRAIN = ["--config", "configs/tiny.yaml", "parallel.tensor=2", "parallel.backend=gloo", "train.steps=4",
+         "train.log_interval=1"]  # gloo: CPU ranks also on a GPU machine
 
 
 def probes(out: Path) -> list[dict]:

@@ -33,6 +33,7 @@ STEPS = 60
 OVERRIDES = [
     "data.source=synthetic", "parallel.tensor=2", f"train.steps={STEPS}", "train.log_interval=1",
     "train.eval_steps=0", "logging.tensorboard=false", "checkpoint.interval=3", "checkpoint.keep_last=100",
+    "parallel.backend=gloo",  # CPU ranks also on a GPU machine (two ranks cannot share one GPU under NCCL)
 ]
 LAUNCH = ["launch.tasks_per_node=2", "launch.cpus_per_task=1", "launch.time_min=20"]
 STEP_SLEEP_S = 0.5  # fault plan sleep_each_step_s: the job is still training at each interruption

@@ -39,6 +39,7 @@ DefaultCorpus = Literal["small", "full"]
 DataSource = Literal["shards", "synthetic"]
 DecayStyle = Literal["polynomial", "cosine", "linear", "constant"]
 Precision = Literal["fp32", "bf16"]
+Backend = Literal["auto", "nccl", "gloo"]
 
 
 def choices(literal: Any) -> tuple[str, ...]:
@@ -195,8 +196,12 @@ class ParallelConfig(_Section):
     virtual_pipeline: int | None = None  # model chunks per stage (interleaved schedule)
     zero_stage: int = 1  # DeepSpeed ZeRO stage, 0..3
     sequence_parallel: bool = False  # Megatron sequence parallelism (needs tensor > 1)
+    # torch.distributed backend: nccl = one GPU per rank; gloo = CPU ranks (tensors on the CPU);
+    # auto = nccl when CUDA is available, else gloo
+    backend: Backend = "auto"
 
     def __post_init__(self) -> None:
+        self._check_choices()
         self._positive("tensor", "pipeline", "virtual_pipeline")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"parallel.zero_stage={self.zero_stage} is not one of 0, 1, 2, 3")

@@ -37,6 +37,7 @@ from submitit.helpers import Checkpointable, DelayedSubmission
 
 from megaret.config import Config, LaunchConfig
 from megaret.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USER
+from megaret.parallel.launch_env import set_cuda_launch_env
 
 #: The module whose `main(argv) -> int | None` the job runs (`python -m TRAIN_ENTRY --config ...`).
 #: "megaret.smoke" is the stand-in the trainer replaced.
@@ -79,6 +80,7 @@ class TrainTask(Checkpointable):
         # SLURM set it: the context picks the device by LOCAL_RANK.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         os.environ.setdefault("OMP_NUM_THREADS", "1")
+        set_cuda_launch_env()  # before the trainer creates a CUDA context
         argv = ["--config", self.config, *self.overrides]
         print(
             f"task {env.global_rank}/{env.num_tasks} on {env.hostname}: python -m {self.entry} "

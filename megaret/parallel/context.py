@@ -15,9 +15,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from megaret.config import ConfigError
+from megaret.config.schema import ConfigError
 from megaret.parallel.cpu_adapters import apply_cpu_adapters, seed_tensor_parallel_rng
-from megaret.parallel.launch_env import discover_launch_env
+from megaret.parallel.launch_env import discover_launch_env, set_cuda_launch_env
 
 
 @dataclass(frozen=True)
@@ -62,27 +62,64 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class BackendError(ConfigError):
+    """parallel.backend asks for something this machine cannot give (one-line message)."""
+
+
+def resolve_backend(backend: str = "auto") -> str:
+    """parallel.backend -> the torch.distributed backend: auto picks nccl when CUDA is available, else gloo.
+
+    gloo means CPU ranks (tensors on the CPU, the CPU adapters on), nccl one GPU per rank."""
+    if backend == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise BackendError("parallel.backend=nccl needs a CUDA device and none is visible; "
+                           "use parallel.backend=gloo (CPU ranks) or auto")
+    if backend not in ("nccl", "gloo"):
+        raise BackendError(f"parallel.backend={backend!r} is not one of auto, nccl, gloo")
+    return backend
+
+
+def rank_device(backend: str, local_rank: int) -> torch.device:
+    """This rank's device: the CPU under gloo; under nccl GPU `local_rank % device_count` (a node
+    with fewer visible GPUs than tasks, e.g. one GPU per task by CUDA_VISIBLE_DEVICES, still maps)."""
+    if backend == "gloo":
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
 def init_distributed(
-    backend: str | None = None, timeout_min: float = 30, timeout_s: float | None = None
-) -> None:
+    backend: str = "auto", timeout_min: float = 30, timeout_s: float | None = None
+) -> torch.device:
     """Initialise torch.distributed from env:// (torchrun style); a lone process gets a world of 1.
+    Returns this rank's device (`rank_device`).
 
     srun and mpirun launches are translated to torch's variables first (`discover_launch_env`).
+    Under nccl the GPU is chosen (`torch.cuda.set_device`) and bound to the process group
+    (`device_id`) before it is created, with CUDA_DEVICE_MAX_CONNECTIONS=1 (what megatron's
+    tensor-parallel overlap needs) unless the launcher set it already.
     `timeout_s` (else `timeout_min`) bounds every collective: a peer that stalls or dies makes the
     others raise instead of hanging (gloo and NCCL with async error handling honour it).
     """
     if dist.is_initialized():
-        return
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        return rank_device(dist.get_backend(), int(os.environ.get("LOCAL_RANK", "0")))
+    launch = discover_launch_env()
+    backend = resolve_backend(backend)
+    device = rank_device(backend, launch.local_rank)
+    kwargs = {}
+    if device.type == "cuda":
+        set_cuda_launch_env()
+        torch.cuda.set_device(device)
+        kwargs["device_id"] = device
     timeout = timedelta(seconds=timeout_s) if timeout_s is not None else timedelta(minutes=timeout_min)
-    if discover_launch_env().source == "single":
+    if launch.source == "single":
         # A plain `python ...` run: a world of one on a free local port. The environment is
         # left alone so that child processes (tests, launchers) don't inherit a stale rank.
         dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
-                                rank=0, world_size=1, timeout=timeout)
+                                rank=0, world_size=1, timeout=timeout, **kwargs)
     else:
-        dist.init_process_group(backend=backend, timeout=timeout)
+        dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
+    return device
 
 
 def launch_world_size() -> int:
@@ -96,13 +133,14 @@ def build_parallel_context(
     pipeline: int = 1,
     virtual_pipeline: int | None = None,
     seed: int = 1234,
-    backend: str | None = None,
+    backend: str = "auto",
     timeout_s: float = 1800.0,
 ) -> ParallelContext:
     """Initialise distributed state for a TP x PP x DP layout and return the context.
 
-    `timeout_s` (config train.collective_timeout_s) bounds every collective of the world and of
-    megatron's groups."""
+    `backend` is parallel.backend (auto | nccl | gloo, `resolve_backend`); the CPU adapters for
+    megatron-core are on exactly when the ranks run on the CPU. `timeout_s` (config
+    train.collective_timeout_s) bounds every collective of the world and of megatron's groups."""
     from megatron.core import parallel_state as ps
 
     world = launch_world_size()
@@ -111,14 +149,9 @@ def build_parallel_context(
             f"world size {world} is not divisible by parallel.tensor*parallel.pipeline="
             f"{tensor}*{pipeline}; launch a multiple of {tensor * pipeline} processes or change the layout"
         )
-    init_distributed(backend, timeout_s=timeout_s)
-    apply_cpu_adapters()
+    device = init_distributed(backend, timeout_s=timeout_s)
+    apply_cpu_adapters(device)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(

@@ -1,8 +1,9 @@
 """Adapters that let megatron-core 0.16 run on CPU with gloo.
 
 megatron-core assumes CUDA in a handful of places. Each adapter below is small, applied
-only when CUDA is absent (`apply_cpu_adapters()` is a no-op on a GPU machine), and
-touches only megatron's own modules, never torch itself:
+only when the ranks run on the CPU (`apply_cpu_adapters(device)`: parallel.backend=gloo, or
+auto without CUDA; on a CUDA device it is off, and removed if an earlier context had it on),
+and touches only megatron's own modules, never torch itself:
 
 1. `torch.cuda.current_device()` passed as `device=`, `torch.cuda.synchronize()` and
    factory calls with `device="cuda"`: the megatron modules listed in
@@ -43,6 +44,10 @@ PATCHED_MODULES: tuple[str, ...] = (
 _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "rand", "randn", "zeros_like",
               "ones_like", "empty_like", "full_like")
 _applied = False
+_originals: dict[str, Any] = {}  # what apply_cpu_adapters replaced, to put back on a CUDA device
+# the attributes of megatron.core.tensor_parallel.random that the CPU RNG tracker replaces
+_RANDOM_ATTRS = ("_CUDA_RNG_STATE_TRACKER", "_CUDA_RNG_STATE_TRACKER_INITIALIZED", "_get_cuda_rng_state",
+                 "_set_cuda_rng_state")
 
 
 def _to_cpu_device(device: Any) -> Any:
@@ -149,24 +154,45 @@ def _install_rng_tracker() -> None:
     random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
 
 
-def cpu_adapters_needed() -> bool:
-    return not torch.cuda.is_available()
+def cpu_adapters_active() -> bool:
+    """Whether the adapters are installed now."""
+    return _applied
 
 
-def apply_cpu_adapters() -> bool:
-    """Install the adapters if there is no CUDA device; return whether they are active."""
-    global _applied
-    if not cpu_adapters_needed():
+def apply_cpu_adapters(device: torch.device | None = None) -> bool:
+    """Install the adapters for ranks on the CPU (default: when there is no CUDA device); remove
+    them for a CUDA device. Returns whether they are active."""
+    global _applied, _originals
+    on_cpu = (device.type == "cpu") if device is not None else not torch.cuda.is_available()
+    if not on_cpu:
+        _remove()
         return False
     if _applied:
         return True
     torch_on_cpu = _TorchOnCpu()
+    random = importlib.import_module("megatron.core.tensor_parallel.random")
+    _originals = {name: importlib.import_module(name).torch for name in PATCHED_MODULES}
+    _originals.update({f"random.{k}": getattr(random, k) for k in _RANDOM_ATTRS})
     for name in PATCHED_MODULES:
-        module = importlib.import_module(name)
-        module.torch = torch_on_cpu
+        importlib.import_module(name).torch = torch_on_cpu
     _install_rng_tracker()
     _applied = True
     return True
+
+
+def _remove() -> None:
+    """Put back what `apply_cpu_adapters` replaced (megatron's own torch and CUDA RNG tracker)."""
+    global _applied, _originals
+    if not _applied:
+        return
+    random = importlib.import_module("megatron.core.tensor_parallel.random")
+    for key, value in _originals.items():
+        if key.startswith("random."):
+            setattr(random, key[len("random."):], value)
+        else:
+            importlib.import_module(key).torch = value
+    _originals = {}
+    _applied = False
 
 
 def seed_tensor_parallel_rng(seed: int, tp_rank: int) -> None:
@@ -177,7 +203,7 @@ def seed_tensor_parallel_rng(seed: int, tp_rank: int) -> None:
     """
     torch.manual_seed(seed)
     random = importlib.import_module("megatron.core.tensor_parallel.random")
-    if cpu_adapters_needed():
+    if _applied:
         tracker = random.get_cuda_rng_tracker()
         tracker.reset()
         tracker.add(random._DATA_PARALLEL_RNG_TRACKER_NAME, seed)

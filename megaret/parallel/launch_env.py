@@ -45,6 +45,19 @@ class LaunchEnv:
         }  # fmt: skip
 
 
+#: Variables a CUDA rank needs before its CUDA context exists, set unless the launcher chose otherwise.
+#: CUDA_DEVICE_MAX_CONNECTIONS=1 keeps one hardware work queue, so the kernels megatron launches for
+#: tensor/sequence-parallel communication run in the order it issues them (its overlap relies on it).
+CUDA_LAUNCH_ENV: dict[str, str] = {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+
+
+def set_cuda_launch_env(environ: MutableMapping[str, str] | None = None) -> None:
+    """Set `CUDA_LAUNCH_ENV` in `environ` (default os.environ) where it is not set yet."""
+    env = os.environ if environ is None else environ
+    for key, value in CUDA_LAUNCH_ENV.items():
+        env.setdefault(key, value)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))

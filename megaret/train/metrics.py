@@ -9,8 +9,13 @@ How FLOPs are counted (`model_flops_per_token`): the arch spec's one counting ru
 (megaret/models/spec.py: weight matmuls exactly, the mixer by a documented formula per layer
 kind), times 3 for training (forward + backward, which is twice the forward). Recomputation is
 not counted (model FLOPs, not hardware FLOPs). MFU = achieved FLOP/s of the job /
-(logging.peak_tflops * world size); without logging.peak_tflops the device's bf16 dense
-peak is looked up by name (H100/H200 989, A100 312 TFLOP/s) and MFU is skipped on the CPU.
+(logging.peak_tflops * world size); without logging.peak_tflops the card's bf16 dense peak is
+looked up from its name and memory (`card_peak`: H100 SXM / PCIe / NVL and H200 told apart)
+and MFU is skipped on the CPU. The trainer prints the rule and the peak once at start
+(`mfu_rule`), so every MFU figure comes with what it divides.
+
+Step time (tokens/s, TFLOP/s, MFU) is the optimizer step alone: the batch is fetched before the
+timer starts, and on a GPU the timer synchronizes the device at both ends.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import math
 import resource
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,9 +34,73 @@ from megaret.train.step import StepResult
 
 SCALARS = ("loss", "ppl", "lr", "grad_norm", "tokens_per_s", "tflops", "memory_mib", "skipped_steps")
 
-# bf16 dense peak TFLOP/s per device, by a substring of torch.cuda.get_device_name()
-DEVICE_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0,
-                      "V100": 125.0}
+@dataclass(frozen=True)
+class DevicePeak:
+    """The bf16 dense peak of one device and where the figure came from."""
+
+    card: str  # e.g. "H100 SXM"
+    tflops: float
+    source: str  # e.g. "NVIDIA H100 80GB HBM3, 79.2 GiB" or "logging.peak_tflops"
+
+    def describe(self) -> str:
+        return f"{self.tflops:g} TFLOP/s bf16 dense ({self.card}: {self.source})"
+
+
+# bf16 dense (no sparsity) tensor-core peak per GPU, TFLOP/s: NVIDIA's datasheet figures, which are
+# quoted with 2:4 sparsity, halved. H100 SXM5 and H200 share the chip and clocks (989.4); the PCIe card
+# has 114 SMs at lower clocks (756.5); the NVL cards run at a lower power limit (835.5 per GPU).
+CARD_PEAK_TFLOPS: dict[str, float] = {
+    "H100 SXM": 989.4, "H100 PCIe": 756.5, "H100 NVL": 835.5, "H200": 989.4, "H200 NVL": 835.5,
+    "GH200": 989.4, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "V100": 125.0,
+}  # fmt: skip
+
+
+def card_of(name: str, memory_bytes: int) -> str | None:
+    """Which `CARD_PEAK_TFLOPS` card a CUDA device is, from torch.cuda.get_device_name and its memory.
+
+    H100s report "NVIDIA H100 80GB HBM3" (SXM5), "NVIDIA H100 PCIe" (80 GB HBM2e) and "NVIDIA H100 NVL"
+    (94 GB); a bare "NVIDIA H100" is told by memory (94 GB: NVL). H200s report "NVIDIA H200" (SXM, 141
+    GB) or "NVIDIA H200 NVL"."""
+    gib = memory_bytes / 2**30
+    upper = name.upper()
+    if "GH200" in upper:
+        return "GH200"
+    if "H200" in upper:
+        return "H200 NVL" if "NVL" in upper else "H200"
+    if "H100" in upper or "H800" in upper:
+        if "PCIE" in upper:
+            return "H100 PCIe"
+        if "NVL" in upper or 88 <= gib < 100:
+            return "H100 NVL"
+        return "H100 SXM"
+    for card in ("A100", "L40S", "A10G", "V100"):
+        if card in upper:
+            return card
+    return None
+
+
+def card_peak(name: str, memory_bytes: int) -> DevicePeak | None:
+    """The bf16 dense peak of a CUDA device by name and memory (None: not a card we know)."""
+    card = card_of(name, memory_bytes)
+    if card is None:
+        return None
+    return DevicePeak(card, CARD_PEAK_TFLOPS[card], f"{name}, {memory_bytes / 2**30:.1f} GiB")
+
+
+def device_peak(cfg: Config, device: torch.device | None = None) -> DevicePeak | None:
+    """Peak of one device: logging.peak_tflops, or the CUDA card's (`card_peak`), or None (CPU)."""
+    if cfg.logging.peak_tflops is not None:
+        return DevicePeak("configured", float(cfg.logging.peak_tflops), "logging.peak_tflops")
+    if torch.cuda.is_available() and (device is None or device.type == "cuda"):
+        props = torch.cuda.get_device_properties(device)
+        return card_peak(props.name, props.total_memory)
+    return None
+
+
+def peak_tflops(cfg: Config, device: torch.device | None = None) -> float | None:
+    """Peak TFLOP/s of one device: logging.peak_tflops, or the GPU's (`device_peak`), or None."""
+    peak = device_peak(cfg, device)
+    return None if peak is None else peak.tflops
 
 
 def model_flops_per_token(cfg: ModelConfig, seq_length: int) -> float:
@@ -38,16 +108,15 @@ def model_flops_per_token(cfg: ModelConfig, seq_length: int) -> float:
     return arch_spec(cfg.arch).flops_per_token(cfg, seq_length).training
 
 
-def peak_tflops(cfg: Config) -> float | None:
-    """Peak TFLOP/s of one device: logging.peak_tflops, or the GPU's by name, or None."""
-    if cfg.logging.peak_tflops is not None:
-        return float(cfg.logging.peak_tflops)
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        for key, value in DEVICE_PEAK_TFLOPS.items():
-            if key in name:
-                return value
-    return None
+def mfu_rule(cfg: ModelConfig, seq_length: int, peak: DevicePeak | None, devices: int = 1) -> str:
+    """One line: how MFU is counted for this model (the spec's FLOPs) and the peak it divides by."""
+    f = arch_spec(cfg.arch).flops_per_token(cfg, seq_length)
+    rule = (f"MFU rule: 3 x (weights {f.weights / 1e9:.4g} + mixer {f.mixer / 1e9:.4g} GFLOP) = "
+            f"{f.training / 1e9:.4g} GFLOP per token at T={seq_length} (megaret/models/spec.py "
+            "flops_per_token; training = 3 x forward, recomputation not counted)")
+    if peak is None:
+        return rule + " | peak unknown (CPU, or a card not in CARD_PEAK_TFLOPS): MFU not logged"
+    return rule + f" | peak {peak.describe()} x {devices} device(s)"
 
 
 def peak_memory_mib(device: torch.device | None = None) -> float:
@@ -136,12 +205,14 @@ class Metrics:
 
 
 class Timer:
-    """Wall time of a block, with a device sync on CUDA so the step really finished."""
+    """Wall time of a block, with a device sync on CUDA at both ends: the block's own work, all of it."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
 
     def __enter__(self) -> Timer:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         self.t0 = time.perf_counter()
         return self
 

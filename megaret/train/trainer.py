@@ -19,9 +19,10 @@ from megaret.errors import UserError
 from megaret.models.spec import arch_spec
 from megaret.parallel.agree import agree_or_raise
 from megaret.parallel.context import build_parallel_context, launch_world_size
+from megaret.parallel.cpu_adapters import cpu_adapters_active
 from megaret.train.batches import Batch, BatchSource, LoaderBatches, SyntheticBatches
 from megaret.train.engine import build_engine, build_stage_modules
-from megaret.train.metrics import Metrics, Timer, model_flops_per_token, peak_tflops
+from megaret.train.metrics import Metrics, Timer, device_peak, mfu_rule, model_flops_per_token
 from megaret.train.schedule import learning_rate
 from megaret.train.signals import StopSignals
 from megaret.train.step import StateCarry, StepResult, eval_step, train_step
@@ -42,7 +43,7 @@ class Trainer:
         p = cfg.parallel
         cfg.validate_world(launch_world_size())  # before the rendezvous: every rank refuses alike, none waits
         self.ctx = build_parallel_context(p.tensor, p.pipeline, p.virtual_pipeline, seed=cfg.train.seed,
-                                         timeout_s=cfg.train.collective_timeout_s)
+                                         backend=p.backend, timeout_s=cfg.train.collective_timeout_s)
         self.stages = build_stage_modules(cfg, self.ctx)
         self.engine = build_engine(cfg, self.ctx, self.stages)
         self.batches = batches or self._batch_source()
@@ -136,12 +137,17 @@ class Trainer:
         return loader
 
     def _build_metrics(self) -> Metrics:
-        cfg = self.cfg
-        peak = peak_tflops(cfg)
-        return Metrics(cfg.run.dir, self.ctx.rank == 0, cfg.logging.tensorboard, cfg.train.log_interval,
+        cfg, ctx = self.cfg, self.ctx
+        peak = device_peak(cfg, ctx.device)
+        if ctx.rank == 0:  # what the run stands on, and what every MFU figure divides
+            print(f"parallel: world {ctx.world_size} = TP {ctx.tp.size} x PP {ctx.pp_size} x DP "
+                  f"{ctx.dp_size} | backend {ctx.backend} | device {ctx.device} | CPU adapters "
+                  f"{'on' if cpu_adapters_active() else 'off'}", flush=True)
+            print(mfu_rule(cfg.model, cfg.data.seq_length, peak, ctx.world_size), flush=True)
+        return Metrics(cfg.run.dir, ctx.rank == 0, cfg.logging.tensorboard, cfg.train.log_interval,
                        flops_per_token=model_flops_per_token(cfg.model, cfg.data.seq_length),
-                       peak_flops=None if peak is None else peak * 1e12 * self.ctx.world_size,
-                       device=self.ctx.device)
+                       peak_flops=None if peak is None else peak.tflops * 1e12 * ctx.world_size,
+                       device=ctx.device)
 
     def _eval_batches(self) -> list[Batch]:
         """train.eval_steps batches of the held-out split, the same ones at every evaluation."""
@@ -194,11 +200,13 @@ class Trainer:
         cfg = self.cfg
         self.step += 1
         self._profile_step()
+        t_data = time.perf_counter()
+        batch = self.batches.next_batch(self.step)  # outside the timed step: tokens/s and MFU are the model's
+        if not isinstance(batch, Batch):  # a (tokens, labels) source
+            batch = Batch.of(*batch)
+        lr = learning_rate(self.step, cfg.optimizer, cfg.train.steps)
+        data_seconds = time.perf_counter() - t_data
         with Timer(self.ctx.device) as timer:
-            batch = self.batches.next_batch(self.step)
-            if not isinstance(batch, Batch):  # a (tokens, labels) source
-                batch = Batch.of(*batch)
-            lr = learning_rate(self.step, cfg.optimizer, cfg.train.steps)
             result = train_step(self.engine, self.stages, self.ctx, batch, cfg.train.micro_batch_size,
                                 lr, cfg.parallel.zero_stage, self.carry)
         tokens_per_s = cfg.train.global_batch_size * cfg.data.seq_length / timer.seconds
@@ -207,7 +215,8 @@ class Trainer:
             self.consecutive_skips += 1
         else:
             self.consecutive_skips = 0
-        self.metrics.log(self.step, result, tokens_per_s, self.skipped_steps, cfg.train.steps, timer.seconds)
+        self.metrics.log(self.step, result, tokens_per_s, self.skipped_steps, cfg.train.steps,
+                         timer.seconds + data_seconds)  # the ETA counts the data time too
         if cfg.train.eval_steps and self.step % cfg.train.eval_interval == 0:
             self.evaluate()
         limit = cfg.train.max_consecutive_skips

@@ -238,7 +238,10 @@ def main() -> None:
     if sys.argv[1] == "gpu":  # a few bf16 steps on the CUDA device (tests/test_gpu_smoke.py)
         r = run(["train.precision=bf16", "train.steps=8", "optimizer.lr=3.0e-3", "train.micro_batch_size=2",
                  "train.eval_interval=4", "train.eval_steps=1"])
-        report = {"losses": r["losses"], "evals": r["evals"], "device": str(r["trainer"].ctx.device)}
+        from megaret.parallel.cpu_adapters import cpu_adapters_active
+
+        report = {"losses": r["losses"], "evals": r["evals"], "device": str(r["trainer"].ctx.device),
+                  "backend": r["trainer"].ctx.backend, "cpu_adapters": cpu_adapters_active()}
     else:
         report = single(sys.argv[2]) if sys.argv[1] == "single" else layouts()
     report_and_close(report)
