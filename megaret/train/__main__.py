@@ -2,7 +2,9 @@
 python -m megaret.train --config configs/tiny.yaml [section.key=value ...]
 
 Under torchrun every rank runs this; the layout comes from parallel.* and the world size.
-Writes run.dir/config.yaml (the resolved config) and run.dir/tensorboard/.
+Writes run.dir/config.yaml (the resolved config) and run.dir/tensorboard/. Rank 0 holds
+run.dir/megaret.lock while it runs (one trainer per run.dir). A run.dir already trained to
+train.steps says so and exits 0, its config.yaml untouched.
 """
 
 from __future__ import annotations
@@ -34,7 +36,12 @@ def _train(args: argparse.Namespace) -> int:
     try:
         trainer = Trainer(cfg)
         try:
-            trainer.train()
+            if trainer.start.finished:  # nothing to do is done (exit 0): e.g. a requeue after the end
+                if trainer.ctx.rank == 0:
+                    print(f"already trained to step {trainer.step} of {cfg.train.steps} in {cfg.run.dir}: "
+                          "nothing to do (raise train.steps to train on)", flush=True)
+            else:
+                trainer.train()
         finally:
             trainer.close()
     finally:

@@ -20,8 +20,10 @@ from megaret.parallel.context import build_parallel_context
 from megaret.train.batches import Batch, BatchSource, LoaderBatches, SyntheticBatches
 from megaret.train.engine import build_engine, build_stage_modules
 from megaret.train.metrics import Metrics, Timer, model_flops_per_token, peak_tflops
+from megaret.train.run_lock import hold_run_dir
 from megaret.train.schedule import learning_rate
 from megaret.train.signals import StopSignals
+from megaret.train.start import plan_start
 from megaret.train.step import StateCarry, StepResult, eval_step, train_step
 
 
@@ -36,10 +38,12 @@ class Trainer:
         self.ctx = build_parallel_context(p.tensor, p.pipeline, p.virtual_pipeline, seed=cfg.train.seed,
                                          timeout_s=cfg.train.collective_timeout_s)
         cfg.validate_world(self.ctx.world_size)
+        self.run_lock = hold_run_dir(cfg.run.dir, self.ctx)  # one trainer per run.dir, before anything writes
+        self.start = plan_start(cfg, self.ctx)  # what run.dir holds, checked: resume, load, fresh or done
         self.stages = build_stage_modules(cfg, self.ctx)
         self.engine = build_engine(cfg, self.ctx, self.stages)
         self.batches = batches or self._batch_source()
-        if self.ctx.rank == 0:
+        if self.ctx.rank == 0 and not self.start.finished:  # a finished run keeps its config.yaml
             save_config(cfg, cfg.run.dir)
         self.metrics = self._build_metrics()
         # stateful segments: each layer's recurrent state flows on to the slot's next segment
@@ -51,8 +55,8 @@ class Trainer:
         cc = cfg.checkpoint
         self.checkpointer = CheckpointManager(Path(cfg.run.dir) / "checkpoints", self._checkpoint_parts(),
                                               self.ctx, cc.keep_last, cc.keep_every,
-                                              meta={"config": cfg.to_dict()})
-        self.resumed_from = self.checkpointer.resume() if cc.resume else None  # the newest valid one
+                                              meta={"config": cfg.to_dict(), "identity": self.start.identity})
+        self.resumed_from = self.start.load(self.checkpointer)  # the checkpoint started from, if any
 
     def _checkpoint_parts(self) -> dict[str, Part]:
         """What a checkpoint holds, each part saving and loading itself (loaded in this order:
@@ -120,7 +124,8 @@ class Trainer:
     def _build_metrics(self) -> Metrics:
         cfg = self.cfg
         peak = peak_tflops(cfg)
-        return Metrics(cfg.run.dir, self.ctx.rank == 0, cfg.logging.tensorboard, cfg.train.log_interval,
+        return Metrics(cfg.run.dir, self.ctx.rank == 0, cfg.logging.tensorboard and not self.start.finished,
+                       cfg.train.log_interval,
                        flops_per_token=model_flops_per_token(cfg.model, cfg.data.seq_length),
                        peak_flops=None if peak is None else peak * 1e12 * self.ctx.world_size,
                        device=self.ctx.device)
@@ -238,7 +243,11 @@ class Trainer:
         return full_parameters(self.stages, self.ctx)
 
     def close(self) -> None:
-        if getattr(self, "_profiler", None):  # a run shorter than the profiled steps
-            self._profiler.stop()
-            self._profiler = False
-        self.metrics.close()
+        try:
+            if getattr(self, "_profiler", None):  # a run shorter than the profiled steps
+                self._profiler.stop()
+                self._profiler = False
+            self.metrics.close()
+        finally:
+            if self.run_lock is not None:
+                self.run_lock.release()
