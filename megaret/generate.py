@@ -27,7 +27,13 @@ import torch
 from megaret.data import Tokenizer
 from megaret.entry import run_entry
 from megaret.infer.decoding import check_sampling, generate
-from megaret.infer.loading import InferenceError, add_model_args, load_model, resolve_tokenizer
+from megaret.infer.loading import (
+    InferenceError,
+    add_model_args,
+    load_model,
+    resolve_tokenizer,
+    tokenizer_warning,
+)
 from megaret.parallel.context import destroy_parallel_context
 
 
@@ -71,8 +77,10 @@ def main(argv: list[str] | None = None) -> list[int]:
 
 def _generate(args: argparse.Namespace) -> list[int]:
     check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)  # before loading
-    cfg, model, ctx = load_model(args.config, args.weights, args.checkpoint, args.overrides)
+    cfg, model, ctx, manifest = load_model(args.config, args.weights, args.checkpoint, args.overrides)
     tok = resolve_tokenizer(cfg, args.tokenizer)
+    if (warning := tokenizer_warning(manifest, tok, args.tokenizer)) is not None:
+        print(warning, file=sys.stderr, flush=True)
     if tok.vocab_size > cfg.model.vocab_size:
         raise InferenceError(f"the tokenizer has {tok.vocab_size} ids but model.vocab_size="
                              f"{cfg.model.vocab_size}: use the model's tokenizer (--tokenizer)")

@@ -135,8 +135,8 @@ class CheckpointManager:
             return
         box: list[Any] = [None]
         if ctx.rank == 0:
+            box[0] = self._no_space(step) if worst == 1 else None  # the free space before the clean-up
             shutil.rmtree(tmp, ignore_errors=True)
-            box[0] = self._no_space(step) if worst == 1 else None
         dist.broadcast_object_list(box, src=0)
         if box[0] is not None:
             raise CheckpointError(box[0]) from error
