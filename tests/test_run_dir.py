@@ -56,12 +56,13 @@ def build(root: Path, name: str, seed: int, tokenizer: Path | None = None, vocab
     """Tiny packed shards of a seeded corpus (a tokenizer trained on it unless one is given)."""
     inputs = write_corpus(root / f"{name}-src", seed=seed)
     sources = [Source(f"{name}-{p.name}", str(p), "CC0") for p in inputs]
-    return build_shards(sources, root / name, seq_length=16, tokenizer=tokenizer, vocab_size=vocab,
-                        mode="packed", valid_fraction=0.1, samples_per_shard=64, log=lambda *a: None)
+    build_shards(sources, root / name, seq_length=16, tokenizer=tokenizer, vocab_size=vocab, mode="packed",
+                 valid_fraction=0.1, samples_per_shard=64, log=lambda *a: None)
+    return root / name
 
 
 class Job:
-    """One `python -m megaret.<module>` process, its output in files."""
+    """One `python -m <module>` process, its output in files."""
 
     def __init__(self, work: Path, name: str, args: list[str], module: str = "megaret.train",
                  sleep_s: float = 0.0) -> None:
@@ -71,28 +72,34 @@ class Job:
         env.pop("MEGARET_DEBUG", None)
         if sleep_s:
             env.update(plan_env(sleep_each_step_s=sleep_s))
-        self.out, self.err = open(self.log / f"{name}.out", "w"), open(self.log / f"{name}.err", "w")
         self.t0 = time.perf_counter()
-        self.proc = subprocess.Popen([sys.executable, "-m", module, *args], stdout=self.out, stderr=self.err,
-                                     cwd=REPO, env=env, text=True)
+        with open(self.log / f"{name}.out", "w") as out, open(self.log / f"{name}.err", "w") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", module, *args], stdout=out, stderr=err,
+                                         cwd=REPO, env=env, text=True)
 
     def done(self) -> bool:
+        if self.proc.poll() is not None and not hasattr(self, "seconds"):
+            self.seconds = time.perf_counter() - self.t0
         return self.proc.poll() is not None
 
     def result(self, timeout: float = 600) -> types.SimpleNamespace:
         rc = self.proc.wait(timeout=timeout)
-        self.out.close()
-        self.err.close()
-        out = (self.log / f"{self.name}.out").read_text()
-        err = (self.log / f"{self.name}.err").read_text()
-        return types.SimpleNamespace(rc=rc, out=out, err=err, pid=self.proc.pid,
-                                     seconds=time.perf_counter() - self.t0,
-                                     errors=[ln for ln in err.splitlines() if ln.startswith(ERROR_PREFIX)])
+        self.done()
+        return outcome(self.log, self.name, rc, self.seconds, self.proc.pid)
+
+
+def outcome(log: Path, name: str, rc: int, seconds: float, pid: int | None = None) -> types.SimpleNamespace:
+    out, err = (log / f"{name}.out").read_text(), (log / f"{name}.err").read_text()
+    return types.SimpleNamespace(rc=rc, out=out, err=err, pid=pid, seconds=seconds,
+                                 errors=[ln for ln in err.splitlines() if ln.startswith(ERROR_PREFIX)])
+
+
+def train_args(run_dir: Path, *extra: str) -> list[str]:
+    return ["--config", "configs/tiny.yaml", *BASE, *extra, f"run.dir={run_dir}"]
 
 
 def train(work: Path, name: str, run_dir: Path, *extra: str, sleep_s: float = 0.0) -> Job:
-    args = ["--config", "configs/tiny.yaml", *BASE, *extra, f"run.dir={run_dir}"]
-    return Job(work, name, args, sleep_s=sleep_s)
+    return Job(work, name, train_args(run_dir, *extra), sleep_s=sleep_s)
 
 
 def digest(root: Path) -> dict[str, str]:
@@ -147,32 +154,35 @@ def runs(tmp_path_factory):
     full = work / "full"
     mounted = False
     try:
-        # phase 1: two trainers on one run.dir (the second a moment later); R; the disk that fills
+        # phase 1, separate processes: two trainers on one run.dir (the second a moment later), the
+        # base run R, a run whose disk fills up between its two saves
         lock_dir = work / "locked"
-        jobs = {"first": train(work, "first", lock_dir, *SYNTHETIC, sleep_s=3.0)}
+        jobs = {"first": train(work, "first", lock_dir, *SYNTHETIC, sleep_s=2.0)}
         time.sleep(1.5)
-        jobs["second"] = train(work, "second", lock_dir, *SYNTHETIC, sleep_s=3.0)
+        jobs["second"] = train(work, "second", lock_dir, *SYNTHETIC, sleep_s=2.0)
         jobs["base"] = train(work, "base", work / "R", *shard(d1))
         if IS_ROOT:
             full.mkdir()
             subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(full)], check=True)
             mounted = True
             jobs["full"] = train(work, "full", full / "run", *SYNTHETIC, sleep_s=1.0)
-        filled = phase2 = False
-        while not all(j.done() for j in jobs.values()) or not phase2:
+        filled, batch = False, None
+        while not all(j.done() for j in jobs.values()) or batch is None:
             if IS_ROOT and not filled and (full / "run" / "checkpoints" / "step_0000002").is_dir():
                 fill(full / "filler")  # between the step-2 and the step-4 save
                 filled = True
-            if IS_ROOT and filled and "restart" not in jobs and jobs["full"].done():
-                r.before["full"] = digest(full / "run" / "checkpoints")
-                r.full_verified = files.verify(full / "run" / "checkpoints" / "step_0000002")["step"]
-                (full / "filler").unlink()
-                jobs["restart"] = train(work, "restart", full / "run", *SYNTHETIC)
-            if not phase2 and jobs["base"].done():
-                phase2 = True
-                jobs.update(_phase2(work, r, shard))
+            if batch is None and all(jobs[n].done() for n in ("base", "full") if n in jobs):
+                if IS_ROOT:  # what the failed save left, then room again for the restart
+                    r.before["full"] = digest(full / "run" / "checkpoints")
+                    r.full_verified = files.verify(full / "run" / "checkpoints" / "step_0000002")["step"]
+                    (full / "filler").unlink()
+                batch = _phase2(work, r, shard)
+                jobs["batch"] = batch
             time.sleep(0.05)
-        r.jobs = {name: job.result() for name, job in jobs.items()}
+        r.jobs = {name: job.result() for name, job in jobs.items() if name != "batch"}
+        assert batch.result().rc == 0, (work / "logs" / "batch.err").read_text()[-3000:]
+        results = json.loads((work / "logs" / "results.json").read_text())
+        r.jobs.update({n: outcome(work / "logs", n, v["rc"], v["seconds"]) for n, v in results.items()})
         r.seconds = time.perf_counter() - t0
         r.full = full
         print(f"launches took {r.seconds:.1f}s: " + ", ".join(f"{n} {j.seconds:.1f}s rc={j.rc}"
@@ -183,7 +193,8 @@ def runs(tmp_path_factory):
             subprocess.run(["umount", "-l", str(full)], check=False)
 
 
-def _phase2(work: Path, r: types.SimpleNamespace, shard) -> dict[str, Job]:
+def _phase2(work: Path, r: types.SimpleNamespace, shard) -> Job:
+    """Phase 2 on copies of R, one process for all (tests/cli_batch.py)."""
     base = work / "R"
     assert (base / "checkpoints" / "step_0000004").is_dir(), (work / "logs" / "base.err").read_text()[-3000:]
     r.base_config = (base / "config.yaml").read_bytes()
@@ -205,21 +216,27 @@ def _phase2(work: Path, r: types.SimpleNamespace, shard) -> dict[str, Job]:
     r.before["corrupt"] = digest(ck)
     flip(copies["reader"] / "checkpoints" / "step_0000004" / "ds" / "mp_rank_00_model_states.pt")
     r.copies = copies
-    return {
-        "data": train(work, "data", copies["data"], *shard(r.d2)),
-        "tokenizer": train(work, "tokenizer", copies["tokenizer"], *shard(r.d3)),
-        "model": train(work, "model", copies["model"], *shard(r.d1), "model.hidden_size=32"),
-        "weights": train(work, "weights", work / "W", *shard(r.d2), f"checkpoint.load={base}",
-                         "checkpoint.load_mode=weights"),
-        "done": train(work, "done", copies["done"], *shard(r.d1)),
-        "corrupt": train(work, "corrupt", copies["corrupt"], *shard(r.d1)),
-        "noresume": train(work, "noresume", copies["noresume"], *shard(r.d1), "checkpoint.resume=false"),
-        "overwrite": train(work, "overwrite", copies["overwrite"], *shard(r.d1), "checkpoint.resume=false",
-                           "run.overwrite=true"),
-        "reader": Job(work, "reader", ["--checkpoint", str(copies["reader"]), "--prompt", "the", "--greedy",
-                                       "--max-new-tokens", "4", "--tokenizer", str(r.d3 / "tokenizer.json")],
-                      module="megaret.generate"),
+    train_cases = {
+        "data": train_args(copies["data"], *shard(r.d2)),
+        "tokenizer": train_args(copies["tokenizer"], *shard(r.d3)),
+        "model": train_args(copies["model"], *shard(r.d1), "model.hidden_size=32"),
+        "corrupt": train_args(copies["corrupt"], *shard(r.d1)),
+        "noresume": train_args(copies["noresume"], *shard(r.d1), "checkpoint.resume=false"),
+        "done": train_args(copies["done"], *shard(r.d1)),
+        "weights": train_args(work / "W", *shard(r.d2), f"checkpoint.load={base}",
+                              "checkpoint.load_mode=weights"),
+        "overwrite": train_args(copies["overwrite"], *shard(r.d1), "checkpoint.resume=false",
+                                "run.overwrite=true"),
     }
+    if IS_ROOT:
+        train_cases["restart"] = train_args(r.work / "full" / "run", *SYNTHETIC)
+    cases = [{"name": n, "module": "megaret.train.__main__", "argv": a} for n, a in train_cases.items()]
+    cases.append({"name": "reader", "module": "megaret.generate", "argv": [
+        "--checkpoint", str(copies["reader"]), "--prompt", "the", "--greedy", "--max-new-tokens", "4",
+        "--tokenizer", str(r.d3 / "tokenizer.json")]})
+    spec = work / "cases.json"
+    spec.write_text(json.dumps(cases))
+    return Job(work, "batch", [str(spec), str(work / "logs")], module="tests.cli_batch")
 
 
 def one_error(job) -> str:

@@ -191,9 +191,9 @@ class CheckpointManager:
         rank 0 verified (every rank calls this). `own`: a checkpoint of this run (its last save);
         else one it starts from (checkpoint.load), saved again at the end however far it trains."""
         ctx = self.ctx
-        manifest = legacy.upgrade_manifest(manifest)
+        raw, manifest = manifest, legacy.upgrade_manifest(manifest)
         path = ckpt / rank_file(source_rank(manifest["ranks"], ctx.dp_rank, ctx.tp.rank, ctx.pp_rank))
-        saved = legacy.upgrade_rank_state(safe_load(path), manifest)
+        saved = legacy.upgrade_rank_state(safe_load(path), raw)
         if saved["step"] != manifest["step"]:
             raise CheckpointError(f"{path} is from step {saved['step']}, the manifest says "
                                   f"{manifest['step']}")

@@ -15,6 +15,7 @@ import sys
 from megaret.config import load_config
 from megaret.entry import run_entry
 from megaret.parallel.context import destroy_parallel_context
+from megaret.train.run_lock import release_held
 from megaret.train.trainer import Trainer
 
 
@@ -45,6 +46,7 @@ def _train(args: argparse.Namespace) -> int:
         finally:
             trainer.close()
     finally:
+        release_held()  # also the lock of a Trainer that failed while being built
         destroy_parallel_context()
     return 0
 

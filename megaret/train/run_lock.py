@@ -270,6 +270,13 @@ class RunLock:
         atexit.unregister(self.release)
 
 
+def release_held() -> None:
+    """Release every run.dir lock this process holds (an entry point's clean-up: a Trainer that
+    failed while it was being built never reached its close())."""
+    for lock in list(_HELD.values()):
+        lock.release()
+
+
 def hold_run_dir(run_dir: str | os.PathLike[str], ctx: Any) -> RunLock | None:
     """Rank 0 takes the lock of `run_dir` (None on the other ranks); if it cannot, every rank
     raises the same RunLockError (nobody waits for a rank that stopped)."""
