@@ -12,8 +12,10 @@ checkpoint's manifest (laid out for one process), so --config is not needed (key
 overrides still apply). The tokenizer is
 --tokenizer, else data.tokenizer, else the tokenizer.json saved with the configured shards
 (the embedded default corpus's, built on first use). The text goes to stdout; a summary
-line (tokens, tokens/s) goes to stderr. Arguments out of range, and a causal Transformer's KV
-cache for prompt + --max-new-tokens beyond the free memory, are refused in one line (exit 1).
+line (tokens, tokens/s) goes to stderr, and a warning line when the tokenizer is not the one
+the checkpoint was trained with (its identity record's sha256). Arguments out of range, and a
+causal Transformer's KV cache for prompt + --max-new-tokens beyond the free memory, are refused
+in one line (exit 2).
 """
 
 from __future__ import annotations

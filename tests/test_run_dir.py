@@ -157,9 +157,9 @@ def runs(tmp_path_factory):
         # phase 1, separate processes: two trainers on one run.dir (the second a moment later), the
         # base run R, a run whose disk fills up between its two saves
         lock_dir = work / "locked"
-        jobs = {"first": train(work, "first", lock_dir, *SYNTHETIC, sleep_s=2.0)}
+        jobs = {"first": train(work, "first", lock_dir, *SYNTHETIC, sleep_s=3.0)}
         time.sleep(1.5)
-        jobs["second"] = train(work, "second", lock_dir, *SYNTHETIC, sleep_s=2.0)
+        jobs["second"] = train(work, "second", lock_dir, *SYNTHETIC, sleep_s=3.0)
         jobs["base"] = train(work, "base", work / "R", *shard(d1))
         if IS_ROOT:
             full.mkdir()
@@ -227,6 +227,10 @@ def _phase2(work: Path, r: types.SimpleNamespace, shard) -> Job:
                               "checkpoint.load_mode=weights"),
         "overwrite": train_args(copies["overwrite"], *shard(r.d1), "checkpoint.resume=false",
                                 "run.overwrite=true"),
+        "optimizer": train_args(work / "W-opt", *shard(r.d2), f"checkpoint.load={base}",
+                                "checkpoint.load_mode=weights+optimizer"),
+        "all": train_args(work / "W-all", *shard(r.d1), f"checkpoint.load={base}", "checkpoint.load_mode=all",
+                          "train.steps=6"),
     }
     if IS_ROOT:
         train_cases["restart"] = train_args(r.work / "full" / "run", *SYNTHETIC)
@@ -367,6 +371,19 @@ def test_checkpoint_load_weights_starts_a_fresh_run_dir(runs):
     # the loaded weights start where R's training got to, not at a random model's loss
     assert tuned[1] < base[1] - 0.05, (base, tuned)
     assert (runs.work / "R" / "checkpoints" / "step_0000004").is_dir()  # the source is only read
+
+
+def test_checkpoint_load_weights_and_optimizer_or_all(runs):
+    job = runs.jobs["optimizer"]
+    assert job.rc == EXIT_OK, job.err[-3000:]
+    assert "load_mode=weights+optimizer), at step 0" in job.err, job.err[-2000:]
+    assert [s for s, _ in files.list_checkpoints(runs.work / "W-opt" / "checkpoints")] == [2, 4]
+    job = runs.jobs["all"]  # R's step 4, data position and all: it goes on with steps 5 and 6
+    assert job.rc == EXIT_OK, job.err[-3000:]
+    assert "load_mode=all), at step 4" in job.err and sorted(losses(job.out)) == [5, 6], job.out[-2000:]
+    ck = runs.work / "W-all" / "checkpoints"
+    assert [s for s, _ in files.list_checkpoints(ck)] == [6]
+    assert files.verify(ck / "step_0000006")["trainer"]["step"] == 6
 
 
 def test_already_trained_exits_0_and_keeps_config(runs):

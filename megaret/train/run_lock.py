@@ -257,6 +257,8 @@ class RunLock:
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=2 * self.heartbeat_s)
+        if self._fd is not None and os.getpid() != self.me.pid:  # a forked child: the parent's lock
+            self._fd = None
         if self._fd is not None:
             try:
                 holder = Holder.read(self.path)
