@@ -50,7 +50,7 @@ def _evaluate(args: argparse.Namespace) -> dict:
     if args.max_docs is not None and args.max_docs < 1:
         raise InferenceError(f"--max-docs {args.max_docs} is outside [1, inf): "
                              "leave it out to score every document")
-    cfg, model, ctx = load_model(args.config, args.weights, args.checkpoint, args.overrides)
+    cfg, model, ctx, _ = load_model(args.config, args.weights, args.checkpoint, args.overrides)
     data = args.data or resolve_manifests(cfg)[0]
     shards = open_split(data, args.split, tokenizer=cfg.data.tokenizer)
     shortest = max(args.min_doc_tokens, 1)  # a document of n tokens scores n - 1

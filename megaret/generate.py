@@ -12,8 +12,10 @@ checkpoint's manifest (laid out for one process), so --config is not needed (key
 overrides still apply). The tokenizer is
 --tokenizer, else data.tokenizer, else the tokenizer.json saved with the configured shards
 (the embedded default corpus's, built on first use). The text goes to stdout; a summary
-line (tokens, tokens/s) goes to stderr. Arguments out of range, and a causal Transformer's KV
-cache for prompt + --max-new-tokens beyond the free memory, are refused in one line (exit 1).
+line (tokens, tokens/s) goes to stderr, and a warning line when the tokenizer is not the one
+the checkpoint was trained with (its identity record's sha256). Arguments out of range, and a
+causal Transformer's KV cache for prompt + --max-new-tokens beyond the free memory, are refused
+in one line (exit 2).
 """
 
 from __future__ import annotations
@@ -27,7 +29,13 @@ import torch
 from megaret.data import Tokenizer
 from megaret.entry import run_entry
 from megaret.infer.decoding import check_sampling, generate
-from megaret.infer.loading import InferenceError, add_model_args, load_model, resolve_tokenizer
+from megaret.infer.loading import (
+    InferenceError,
+    add_model_args,
+    load_model,
+    resolve_tokenizer,
+    tokenizer_warning,
+)
 from megaret.parallel.context import destroy_parallel_context
 
 
@@ -71,8 +79,10 @@ def main(argv: list[str] | None = None) -> list[int]:
 
 def _generate(args: argparse.Namespace) -> list[int]:
     check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)  # before loading
-    cfg, model, ctx = load_model(args.config, args.weights, args.checkpoint, args.overrides)
+    cfg, model, ctx, manifest = load_model(args.config, args.weights, args.checkpoint, args.overrides)
     tok = resolve_tokenizer(cfg, args.tokenizer)
+    if (warning := tokenizer_warning(manifest, tok, args.tokenizer)) is not None:
+        print(warning, file=sys.stderr, flush=True)
     if tok.vocab_size > cfg.model.vocab_size:
         raise InferenceError(f"the tokenizer has {tok.vocab_size} ids but model.vocab_size="
                              f"{cfg.model.vocab_size}: use the model's tokenizer (--tokenizer)")

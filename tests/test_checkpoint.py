@@ -221,6 +221,8 @@ def test_corrupt_checkpoints_are_detected_and_the_previous_one_is_used(launched)
     text = "\n".join(t["messages"])
     assert "step_0000010/ds/mp_rank_00_model_states.pt has" in text and "(truncated?)" in text
     assert "step_0000008/ds/zero_pp_rank_1_mp_rank_00_optim_states.pt has" in text
+    # each rejected checkpoint was moved to checkpoints/rejected/ (the bad step 10 twice), none deleted
+    assert c["rejected"] == ["step_0000008", "step_0000010", "step_0000010.1", "step_0000012"]
 
 
 def test_resume_with_another_layout_is_refused_clearly(launched):

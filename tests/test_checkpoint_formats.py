@@ -18,6 +18,7 @@ from megaret.checkpoint.files import (
     step_name,
     verify,
 )
+from megaret.errors import EXIT_USER
 from tests.conftest import REPO, run_distributed
 
 FIXTURE = REPO / "tests" / "fixtures" / "format1_checkpoint.tar.gz"
@@ -45,7 +46,8 @@ def test_format1_checkpoint_resumes_weights_carried_state_and_trajectory(legacy)
 def test_the_resumed_legacy_run_saves_format2_that_resumes(legacy):
     r = legacy.report
     assert r["new_format"] == FORMAT_VERSION == 2
-    assert r["new_manifest_keys"] == ["config", "format", "model", "ranks", "schedule", "step", "trainer"]
+    assert r["new_manifest_keys"] == ["config", "format", "identity", "model", "ranks", "schedule", "step",
+                                      "trainer"]
     assert r["new_rank_parts"] == ["carry", "data", "rng"]
     assert r["again_step"] == 5 and r["again_params_equal"] and r["export_equal"]
 
@@ -75,6 +77,8 @@ def test_a_newer_format_is_refused_in_one_line_and_never_skipped(tmp_path, capsy
         verify(root / step_name(8))
     with pytest.raises(FormatError, match=want):  # no fall back to step 4: it would overwrite step 8
         select_newest_valid(root)
-    assert export_main(["--checkpoint", str(tmp_path), "--out", str(tmp_path / "m.pt")]) == 1
+    with pytest.raises(SystemExit) as exit_:
+        export_main(["--checkpoint", str(tmp_path), "--out", str(tmp_path / "m.pt")])
+    assert exit_.value.code == EXIT_USER
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "upgrade megaret" in err, err

@@ -13,6 +13,7 @@ ZeRO-3 checkpoints (parameters partitioned over DP) are not supported.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,11 +28,41 @@ from megaret.checkpoint.safe import safe_load
 from megaret.config import Config
 from megaret.config.loader import apply_overrides, config_from_dict
 
+log = logging.getLogger("megaret.checkpoint")
 
-def consolidate(checkpoint: str | os.PathLike[str]) -> tuple[dict[str, Any], dict]:
+
+def consolidate(checkpoint: str | os.PathLike[str], attempts: int = 3) -> tuple[dict[str, Any], dict]:
     """(full-model fp32 state dict, manifest) of a checkpoint, a checkpoints/ or a run directory
-    (then its newest checkpoint that verifies)."""
-    ckpt = resolve(Path(checkpoint))
+    (then its newest checkpoint that verifies).
+
+    A live run may prune the checkpoint chosen from a run directory while it is read: then the
+    newest valid one is chosen again (up to `attempts` times), said in one warning line."""
+    source = Path(checkpoint)
+    ckpt = resolve(source)
+    for attempt in range(attempts):
+        try:
+            return _consolidate(ckpt)
+        except (CheckpointError, OSError):
+            if ckpt == source or attempt + 1 == attempts or ckpt.is_dir() and verify_quietly(ckpt):
+                raise  # an explicit checkpoint, or one that is still there: the error is real
+            again = resolve(source)
+            if again == ckpt:
+                raise
+            log.warning("megaret: warning: %s disappeared while it was read (a live run pruned it?); reading "
+                        "%s instead", ckpt, again)
+            ckpt = again
+    raise AssertionError("unreachable")
+
+
+def verify_quietly(ckpt: Path) -> bool:
+    try:
+        verify(ckpt)
+    except CheckpointError:
+        return False
+    return True
+
+
+def _consolidate(ckpt: Path) -> tuple[dict[str, Any], dict]:
     manifest = verify(ckpt)
     lay = model_layout(manifest)
     if lay["zero_stage"] >= 3:

@@ -10,7 +10,8 @@ Layout of ``run.dir/checkpoints``::
         ds/mp_rank_00_model_states.pt                       DeepSpeed: model (one per TP x PP rank)
         ds/zero_pp_rank_0_mp_rank_00_optim_states.pt        DeepSpeed: ZeRO shard (per DP x MP rank)
         zero_to_fp32.py       DeepSpeed's recovery script
-    .tmp-step_0000012/        a save in progress (never read; removed by the next save)
+    .tmp-step_0000012/        a save in progress (never read; removed by the next trainer's start)
+    rejected/step_0000014/    a checkpoint that failed verification when a trainer resumed (kept)
 
 Nothing here needs a process group: the trainer calls it from rank 0, the exporter offline.
 """
@@ -19,16 +20,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from megaret import faults
 from megaret.errors import UserError
 
+log = logging.getLogger("megaret.checkpoint")
 MANIFEST = "manifest.json"
 LATEST = "latest"
 #: the manifest's "format": 2 = one state per part (megaret.checkpoint.manager); 1 = before it
@@ -66,11 +69,15 @@ def fsync_path(path: Path) -> None:
 def write_atomic(path: Path, data: str) -> None:
     """Write text to `path` so readers see either the old or the whole new content."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_path(path.parent)
 
 
@@ -103,7 +110,10 @@ def publish(tmp: Path, final: Path, manifest: dict[str, Any]) -> None:
         os.replace(final, trash)
     os.replace(tmp, final)
     fsync_path(final.parent)
-    write_atomic(final.parent / LATEST, final.name + "\n")
+    try:  # a hint for people and tools: readers walk the step directories, not this file
+        write_atomic(final.parent / LATEST, final.name + "\n")
+    except OSError as exc:
+        log.warning("%s was published but %s could not be updated: %s", final, final.parent / LATEST, exc)
     if trash is not None:
         shutil.rmtree(trash)
 
@@ -185,34 +195,74 @@ class Selection:
     path: Path | None  # the newest checkpoint that verifies; None when there is none
     manifest: dict[str, Any] | None
     messages: list[str]  # one line per rejected checkpoint, then which one is used
+    rejected: list[tuple[Path, str]] = field(default_factory=list)  # (checkpoint, why), newest first
+
+    def fallback_warning(self) -> str | None:
+        """One line saying that newer checkpoints failed verification and an older one is used."""
+        if not self.rejected or self.path is None:
+            return None
+        why = "; ".join(f"{p.name}: {reason}" for p, reason in self.rejected)
+        return (f"megaret: warning: using the older checkpoint {self.path} because newer ones failed "
+                f"verification ({why})")
 
 
-def select_newest_valid(root: Path) -> Selection:
+def select_newest_valid(root: Path, attempts: int = 3) -> Selection:
     """Walk the checkpoints newest first; the first that verifies is used, each one skipped is
-    reported. A checkpoint of a newer format stops the walk (`FormatError`)."""
-    messages, rejected = [], []
-    for _, ckpt in reversed(list_checkpoints(root)):
-        try:
-            manifest = verify(ckpt)
-        except FormatError:
-            raise  # falling back would train on from an older step and overwrite the newer ones
-        except CheckpointError as exc:
-            rejected.append(ckpt.name)
-            messages.append(f"checkpoint {ckpt.name} is unusable: {exc}")
-            continue
-        if rejected:
-            messages.append(f"resuming from the previous checkpoint {ckpt.name} instead of "
-                            f"{', '.join(rejected)}")
-        return Selection(ckpt, manifest, messages)
+    reported. A checkpoint of a newer format stops the walk (`FormatError`).
+
+    A checkpoint that disappears while it is read (a live run pruned it) is not a rejection: the
+    walk starts over on a fresh listing (up to `attempts` times)."""
+    for attempt in range(attempts):
+        messages, rejected, vanished = [], [], False
+        for _, ckpt in reversed(list_checkpoints(root)):
+            try:
+                manifest = verify(ckpt)
+            except FormatError:
+                raise  # falling back would train on from an older step and overwrite the newer ones
+            except CheckpointError as exc:
+                if not ckpt.exists() and attempt + 1 < attempts:
+                    vanished = True
+                    break
+                rejected.append((ckpt, str(exc)))
+                messages.append(f"checkpoint {ckpt.name} is unusable: {exc}")
+                continue
+            if rejected:
+                messages.append(f"resuming from the previous checkpoint {ckpt.name} instead of "
+                                f"{', '.join(p.name for p, _ in rejected)}")
+            return Selection(ckpt, manifest, messages, rejected)
+        if not vanished:
+            break
     if rejected:
-        messages.append(f"no usable checkpoint in {root} ({', '.join(rejected)} rejected): "
-                        "starting from step 0")
-    return Selection(None, None, messages)
+        messages.append(f"no usable checkpoint in {root} ({', '.join(p.name for p, _ in rejected)} rejected)")
+    return Selection(None, None, messages, rejected)
+
+
+REJECTED = "rejected"  # run.dir/checkpoints/rejected/: checkpoints that failed verification at resume
+
+
+def reject(ckpt: Path) -> Path:
+    """Move a checkpoint that failed verification to ``<root>/rejected/`` (never deleted: it may be
+    the last copy of a state someone can repair); returns where it went."""
+    dest_dir = ckpt.parent / REJECTED
+    dest_dir.mkdir(exist_ok=True)
+    dest, n = dest_dir / ckpt.name, 1
+    while dest.exists():
+        dest, n = dest_dir / f"{ckpt.name}.{n}", n + 1
+    os.replace(ckpt, dest)
+    fsync_path(ckpt.parent)
+    return dest
+
+
+def rejected_checkpoints(root: Path) -> list[Path]:
+    """What `reject` moved aside under root (earlier resumes)."""
+    d = Path(root) / REJECTED
+    return sorted(d.iterdir()) if d.is_dir() else []
 
 
 def resolve(path: Path) -> Path:
     """A checkpoint directory from a step directory, a checkpoints/ root or a run directory
-    (the newest valid checkpoint of the latter two)."""
+    (the newest valid checkpoint of the latter two). Falling back past newer checkpoints that
+    fail verification is said in one warning line (on stderr when logging is not set up)."""
     path = Path(path)
     if (path / MANIFEST).is_file() or _STEP_RE.match(path.name):
         return path
@@ -220,6 +270,8 @@ def resolve(path: Path) -> Path:
     sel = select_newest_valid(root)
     if sel.path is None:
         raise CheckpointError(f"no valid checkpoint under {path}" + "".join(f"; {m}" for m in sel.messages))
+    if (warning := sel.fallback_warning()) is not None:
+        log.warning(warning)
     return sel.path
 
 
@@ -233,8 +285,7 @@ def to_prune(steps: list[int], keep_last: int, keep_every: int | None) -> list[i
 
 def prune(root: Path, keep_last: int, keep_every: int | None, newest: int) -> list[Path]:
     """Apply the keep policy to the checkpoints up to step `newest` (the one just saved, always
-    kept). Later ones are left alone: they were rejected at resume and are replaced when this run
-    saves their step again."""
+    kept). Later ones are left alone (a trainer moves those that fail verification to rejected/)."""
     ckpts = {s: p for s, p in list_checkpoints(root) if s <= newest}
     removed = []
     for s in to_prune(list(ckpts), keep_last, keep_every):

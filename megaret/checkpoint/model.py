@@ -49,6 +49,9 @@ class ModelOptimizer(Part):
     def __init__(self, engine: Any, stages: list[Any], ctx: Any, zero_stage: int, precision: str) -> None:
         self.engine, self.stages, self.ctx = engine, stages, ctx
         self.zero_stage, self.precision = zero_stage, precision
+        # what load() takes: "all" (weights, optimizer state, DeepSpeed's counters: a resume),
+        # "weights+optimizer" (the counters start at 0) or "weights" (fresh optimizer state)
+        self.load_mode = "all"
         install_safe_loading(engine)
 
     def here(self) -> dict[str, Any]:
@@ -67,7 +70,14 @@ class ModelOptimizer(Part):
         return params
 
     def save(self, directory: Path) -> dict[str, Any]:
-        self.engine.save_checkpoint(str(directory), tag=DS_TAG, save_latest=False)
+        failed = None
+        try:
+            self.engine.save_checkpoint(str(directory), tag=DS_TAG, save_latest=False)
+        except Exception as exc:  # noqa: BLE001 - e.g. a full disk while writing this rank's files
+            # a write that fails skips DeepSpeed's closing barrier: take it here, so the peers (which
+            # wait in it) and this rank meet again and the manager can stop them all together
+            failed = exc
+            dist.barrier()
         ctx = self.ctx
         # mp_rank: the TP x PP rank DeepSpeed names this rank's files by
         mine = {"mp_rank": self.engine.checkpoint_mp_rank, "tp_rank": ctx.tp.rank,
@@ -75,6 +85,8 @@ class ModelOptimizer(Part):
                 "params": self._stored_names() if ctx.dp_rank == 0 else None}
         every: list[Any] = [None] * ctx.world_size
         dist.all_gather_object(every, mine)
+        if failed is not None:
+            raise failed
         first = [r for r in every if r["dp_rank"] == 0]  # one copy of each TP x PP rank's files
         return {
             **self.here(), "precision": self.precision, "deepspeed_dir": DS_TAG,
@@ -87,17 +99,33 @@ class ModelOptimizer(Part):
             raise CheckpointError(f"{directory} holds no model layout")
         if check_layout(directory, layout, self.here()):
             return self._reshard(directory, layout)
+        weights_only = self.load_mode == "weights"
         load_path, _ = self.engine.load_checkpoint(
-            str(directory), tag=layout["deepspeed_dir"], load_module_strict=True, load_optimizer_states=True,
-            load_lr_scheduler_states=False)
+            str(directory), tag=layout["deepspeed_dir"], load_module_strict=True,
+            load_optimizer_states=not weights_only, load_lr_scheduler_states=False,
+            load_module_only=weights_only)
         if load_path is None:
             raise CheckpointError(f"DeepSpeed found no checkpoint in {directory / layout['deepspeed_dir']}")
+        self._start_counters()
         return None
+
+    def _start_counters(self) -> None:
+        """A run started from another's weights counts its own steps from 0."""
+        if self.load_mode != "all":
+            for name in ("global_steps", "global_samples", "skipped_steps"):
+                if hasattr(self.engine, name):
+                    setattr(self.engine, name, 0)
 
     def _reshard(self, directory: Path, layout: dict[str, Any]) -> str:
         """Full fp32 weights and Adam moments rebuilt from the saved ZeRO shards, cut for this rank."""
         ctx = self.ctx
         names = {stage.global_name(n) for stage in self.stages for n, _ in stage.named_parameters()}
-        load_resharded(self.engine, self.stages, ctx, training_state(directory, layout, names))
+        state = training_state(directory, layout, names)
+        if self.load_mode == "weights":  # the fp32 masters only: fresh Adam moments and step
+            state.moments, state.step = {}, None
+        if self.load_mode != "all":
+            state.engine_counters = {}
+        load_resharded(self.engine, self.stages, ctx, state)
+        self._start_counters()
         return (f"resharded {directory} from tensor={layout['tensor']} pipeline={layout['pipeline']} "
                 f"data={layout['data']} to tensor={ctx.tp.size} pipeline={ctx.pp_size} data={ctx.dp_size}")

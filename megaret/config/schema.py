@@ -40,6 +40,7 @@ DataSource = Literal["shards", "synthetic"]
 DecayStyle = Literal["polynomial", "cosine", "linear", "constant"]
 Precision = Literal["fp32", "bf16"]
 Backend = Literal["auto", "nccl", "gloo"]
+LoadMode = Literal["weights", "weights+optimizer", "all"]
 
 
 def choices(literal: Any) -> tuple[str, ...]:
@@ -324,9 +325,17 @@ class CheckpointConfig(_Section):
     keep_last: int = 3  # most recent checkpoints kept
     keep_every: int | None = None  # also keep every checkpoint whose step is a multiple of this
     resume: bool = True  # resume from the newest checkpoint in run.dir when there is one
+    # start a new run.dir from another run's checkpoint (a step, checkpoints/ or run directory; used only
+    # while run.dir has no checkpoint of its own): load_mode says what it takes from it (README: Checkpoints)
+    load: str | None = None
+    load_mode: LoadMode = "weights"  # weights | weights+optimizer | all
 
     def __post_init__(self) -> None:
+        self._check_choices()
         self._positive("interval", "keep_last", "keep_every")
+        if self.load is not None and not self.load.strip():
+            raise ConfigError("checkpoint.load is empty; give a checkpoint, checkpoints/ or run directory, "
+                              "or checkpoint.load=null")
 
 
 @dataclass
@@ -385,6 +394,9 @@ class RunConfig(_Section):
 
     dir: str = "runs/default"
     name: str | None = None  # None: the last component of run.dir
+    # with checkpoint.resume=false: start a run.dir that has checkpoints over, after moving its earlier
+    # checkpoints, config and TensorBoard events to run.dir/replaced-<time>/ (nothing is deleted)
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if not self.dir.strip():
@@ -426,6 +438,9 @@ class Config:
         self._validate_parallel_layout()
         self._validate_training_features()
         self._validate_batch()
+        if self.run.overwrite and self.checkpoint.resume:
+            raise ConfigError("run.overwrite=true starts run.dir over, which checkpoint.resume=true would "
+                              "resume: set checkpoint.resume=false with it (or drop run.overwrite)")
 
     def _validate_model_shape(self) -> None:
         m = self.model

@@ -52,19 +52,32 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--checkpoint", help="a training checkpoint: step, checkpoints/ or run directory")
 
 
+def tokenizer_warning(manifest: dict | None, tok: Tokenizer, explicit: str | None) -> str | None:
+    """One warning line when `tok` is not the tokenizer the checkpoint (`manifest`) was trained with."""
+    want = ((manifest or {}).get("identity") or {}).get("tokenizer")
+    if want is None or want == tok.sha256:
+        return None
+    what = f"--tokenizer {explicit}" if explicit else f"the tokenizer {tok.path}"
+    fix = "drop --tokenizer to use the run's" if explicit else "give the run's with --tokenizer"
+    return (f"megaret: warning: {what} (sha256 {tok.sha256[:12]}) is not the one the checkpoint was trained "
+            f"with (sha256 {want[:12]}): its token ids mean other text; {fix}")
+
+
 def load_model(config: str | None = None, weights: str | None = None, checkpoint: str | None = None,
-               overrides: Sequence[str] = ()) -> tuple[Config, torch.nn.Module, ParallelContext]:
-    """(cfg, model, ctx) from a config (+ consolidated weights) or a checkpoint (+ overrides), in one
-    process. Raises ConfigError, CheckpointError or InferenceError."""
+               overrides: Sequence[str] = ()) -> tuple[Config, torch.nn.Module, ParallelContext, dict | None]:
+    """(cfg, model, ctx, the checkpoint's manifest or None) from a config (+ consolidated weights)
+    or a checkpoint (+ overrides), in one process. Raises ConfigError, CheckpointError or
+    InferenceError."""
     from megaret.checkpoint.consolidate import load_checkpoint
 
     state: Any = None
+    manifest = None
     if checkpoint:
         if config:  # an explicit config wins over the manifest's
-            state, _, _ = load_checkpoint(checkpoint)
+            state, _, manifest = load_checkpoint(checkpoint)
             cfg = load_config(config, overrides)
         else:
-            state, cfg, _ = load_checkpoint(checkpoint, overrides)
+            state, cfg, manifest = load_checkpoint(checkpoint, overrides)
     elif config:
         cfg = load_config(config, overrides)
     else:
@@ -77,4 +90,4 @@ def load_model(config: str | None = None, weights: str | None = None, checkpoint
         load_weights(model, state, f"--checkpoint {checkpoint}")
     elif weights:
         load_weights(model, weights)
-    return cfg, model, ctx
+    return cfg, model, ctx, manifest

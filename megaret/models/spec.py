@@ -167,6 +167,10 @@ class ArchSpec:
     prefill_form: str | None = None  # retention_mode of prompt / evaluation calls
     step_form: str | None = None  # retention_mode of one-token decoding calls
     refusals: tuple[Refusal, ...] = ()
+    # the model.* fields that define the trained function (its weights' shapes and meaning): a
+    # checkpoint records them and resuming with another value is refused (megaret.checkpoint.identity);
+    # the others (chunk_size, retention_mode, dropout, init_std, ...) are how it is computed or trained
+    identity_fields: tuple[str, ...] = ()
 
     # -- building ------------------------------------------------------------------------------
 
@@ -196,6 +200,10 @@ class ArchSpec:
     def refused(self, cfg: Config) -> Iterator[str]:
         """The messages of the refusals that apply to `cfg`."""
         return (msg for r in self.refusals if (msg := r.check(cfg)) is not None)
+
+    def model_identity(self, m: ModelConfig) -> dict[str, Any]:
+        """{"model.<field>": value} of the fields that define this arch's model (`identity_fields`)."""
+        return {f"model.{name}": getattr(m, name) for name in self.identity_fields}
 
 
 def shell_params(m: ModelConfig) -> int:
@@ -260,6 +268,10 @@ def _recurrent_layers(c: Config) -> str | None:
 
 _BLOCK_ALIGNED = Refusal(_block_aligned, ("data.seq_length=100", "model.block_size=16"))
 
+# the model fields every arch's weights depend on (shapes, tying, norms, rotary positions)
+_SHAPE = ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size", "ffn_type", "norm_type",
+          "tie_embeddings", "rotary_base")
+
 
 SPECS: dict[str, ArchSpec] = {
     "retnet": ArchSpec(
@@ -270,12 +282,14 @@ SPECS: dict[str, ArchSpec] = {
         prefill_form="chunk",
         step_form="recurrent",
         refusals=(Refusal(_chunk_aligned, ("data.seq_length=100", "model.chunk_size=16")),),
+        identity_fields=(*_SHAPE, "value_factor", "decay_schedule"),
     ),
     "transformer": ArchSpec(
         name="transformer",
         model_class="megaret.models.transformer:Transformer",
         layers=lambda m, t: [attention_layer(m, t, None)] * m.num_layers,
         refusals=(Refusal(_causal_segments, ("data.packing=segments",)),),
+        identity_fields=_SHAPE,
     ),
     "sliding": ArchSpec(
         name="sliding",
@@ -284,6 +298,7 @@ SPECS: dict[str, ArchSpec] = {
         build_kwargs=lambda m: {"window": m.block_size},
         carried_span=lambda m: m.block_size,
         refusals=(_BLOCK_ALIGNED,),
+        identity_fields=(*_SHAPE, "block_size"),
     ),
     "brt": ArchSpec(
         name="brt",
@@ -292,6 +307,7 @@ SPECS: dict[str, ArchSpec] = {
         carried_span=lambda m: m.block_size,  # plus the S recurrent states, which summarise the rest
         call_multiple=lambda m: m.block_size,
         refusals=(Refusal(_recurrent_layers, ("model.recurrent_layers=[0,-3]",)), _BLOCK_ALIGNED),
+        identity_fields=(*_SHAPE, "block_size", "num_states", "recurrent_layers", "gate_type", "state_skip"),
     ),
 }
 assert set(SPECS) == set(ARCHS), "every arch of the config schema has a spec"

@@ -3,7 +3,9 @@ python -m megaret.train --config configs/tiny.yaml [section.key=value ...]
 
 Under torchrun every rank runs this; the layout comes from parallel.* and the world size.
 Writes run.dir/config.yaml (the resolved config), run.dir/tensorboard/ and
-run.dir/logs/third_party-rank{N}.log (DeepSpeed's and other libraries' messages).
+run.dir/logs/third_party-rank{N}.log (DeepSpeed's and other libraries' messages). Rank 0 holds
+run.dir/megaret.lock while it runs (one trainer per run.dir). A run.dir already trained to
+train.steps says so and exits 0, its config.yaml untouched.
 Exit status: 0 done, 1 internal error, 2 user error (one `megaret: error:` line), 75 stopped by
 USR1/USR2/TERM after checkpointing (run again to resume), 130 interrupted (Ctrl-C).
 """
@@ -45,6 +47,7 @@ def _train(args: argparse.Namespace, stop: StopSignals, chatter: ThirdPartyLog) 
     cfg.validate_world(discover_launch_env().world_size)
     from megaret.parallel.agree import agree_or_raise
     from megaret.parallel.context import destroy_parallel_context
+    from megaret.train.run_lock import release_held
     from megaret.train.trainer import Trainer  # imports DeepSpeed
 
     try:
@@ -52,10 +55,16 @@ def _train(args: argparse.Namespace, stop: StopSignals, chatter: ThirdPartyLog) 
         try:
             logs, rank = Path(cfg.run.dir) / "logs", trainer.ctx.rank
             agree_or_raise(trainer.ctx, lambda: chatter.attach(logs, rank), everywhere=True)
-            trainer.train()
+            if trainer.start.finished:  # nothing to do is done (exit 0): e.g. a requeue after the end
+                if trainer.ctx.rank == 0:
+                    print(f"already trained to step {trainer.step} of {cfg.train.steps} in {cfg.run.dir}: "
+                          "nothing to do (raise train.steps to train on)", flush=True)
+            else:
+                trainer.train()
         finally:
             trainer.close()
     finally:
+        release_held()  # also the lock of a Trainer that failed while being built
         destroy_parallel_context()
     return 0
 

@@ -23,8 +23,10 @@ from megaret.parallel.cpu_adapters import cpu_adapters_active
 from megaret.train.batches import Batch, BatchSource, LoaderBatches, SyntheticBatches
 from megaret.train.engine import build_engine, build_stage_modules
 from megaret.train.metrics import Metrics, Timer, device_peak, mfu_rule, model_flops_per_token
+from megaret.train.run_lock import hold_run_dir
 from megaret.train.schedule import learning_rate
 from megaret.train.signals import StopSignals
+from megaret.train.start import plan_start
 from megaret.train.step import StateCarry, StepResult, eval_step, train_step
 
 
@@ -44,6 +46,8 @@ class Trainer:
         cfg.validate_world(launch_world_size())  # before the rendezvous: every rank refuses alike, none waits
         self.ctx = build_parallel_context(p.tensor, p.pipeline, p.virtual_pipeline, seed=cfg.train.seed,
                                          backend=p.backend, timeout_s=cfg.train.collective_timeout_s)
+        self.run_lock = hold_run_dir(cfg.run.dir, self.ctx)  # one trainer per run.dir, before anything writes
+        self.start = plan_start(cfg, self.ctx)  # what run.dir holds, checked: resume, load, fresh or done
         self.stages = build_stage_modules(cfg, self.ctx)
         self.engine = build_engine(cfg, self.ctx, self.stages)
         self.batches = batches or self._batch_source()
@@ -58,15 +62,15 @@ class Trainer:
         cc = cfg.checkpoint
         self.checkpointer = CheckpointManager(Path(cfg.run.dir) / "checkpoints", self._checkpoint_parts(),
                                               self.ctx, cc.keep_last, cc.keep_every,
-                                              meta={"config": cfg.to_dict()})
+                                              meta={"config": cfg.to_dict(), "identity": self.start.identity})
         faults.point("before_resume", rank=self.ctx.rank)
         self._leave_if_signalled()  # a signal during start-up: leave before the (slow) resume
-        self.resumed_from = self.checkpointer.resume() if cc.resume else None  # the newest valid one
+        self.resumed_from = self.start.load(self.checkpointer)  # the checkpoint started from, if any
 
     def _prepare_run_dir(self) -> Metrics:
         """run.dir/config.yaml and the TensorBoard writer (rank 0), the metrics (every rank)."""
         try:
-            if self.ctx.rank == 0:
+            if self.ctx.rank == 0 and not self.start.finished:  # a finished run keeps its config.yaml
                 save_config(self.cfg, self.cfg.run.dir)
             return self._build_metrics()
         except OSError as exc:
@@ -144,7 +148,8 @@ class Trainer:
                   f"{ctx.dp_size} | backend {ctx.backend} | device {ctx.device} | CPU adapters "
                   f"{'on' if cpu_adapters_active() else 'off'}", flush=True)
             print(mfu_rule(cfg.model, cfg.data.seq_length, peak, ctx.world_size), flush=True)
-        return Metrics(cfg.run.dir, ctx.rank == 0, cfg.logging.tensorboard, cfg.train.log_interval,
+        return Metrics(cfg.run.dir, ctx.rank == 0, cfg.logging.tensorboard and not self.start.finished,
+                       cfg.train.log_interval,
                        flops_per_token=model_flops_per_token(cfg.model, cfg.data.seq_length),
                        peak_flops=None if peak is None else peak.tflops * 1e12 * ctx.world_size,
                        device=ctx.device)
@@ -278,7 +283,11 @@ class Trainer:
         return full_parameters(self.stages, self.ctx)
 
     def close(self) -> None:
-        if getattr(self, "_profiler", None):  # a run shorter than the profiled steps
-            self._profiler.stop()
-            self._profiler = False
-        self.metrics.close()
+        try:
+            if getattr(self, "_profiler", None):  # a run shorter than the profiled steps
+                self._profiler.stop()
+                self._profiler = False
+            self.metrics.close()
+        finally:
+            if self.run_lock is not None:
+                self.run_lock.release()

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from _common import report_and_close  # tests/distributed/_common.py (the script's own folder)
 
-from megaret.checkpoint.files import MANIFEST, sha256_file
+from megaret.checkpoint.files import MANIFEST, list_checkpoints, sha256_file
 from megaret.config import load_config
 from megaret.train.trainer import Trainer
 
@@ -170,6 +170,7 @@ def corrupt_check(work: Path, spec: str) -> dict:
     out["truncated"] = {"resumed_from": t.resumed_from.name, "step": t.step,
                         "messages": t.checkpointer.messages}
     finish(t)
+    out["rejected"] = sorted(p.name for p in (run / "rejected").iterdir())  # moved aside, none deleted
     return out
 
 
@@ -189,7 +190,7 @@ def malicious_check(work: Path, spec: str) -> dict:
     key = "tp{}-pp{}-zero{}-{}".format(*spec.split(","))
     run = work / key / "run" / "checkpoints"
     marker = work / "PWNED"
-    newest = run / "step_0000010"
+    newest = list_checkpoints(run)[-1][1]  # step 4: corrupt_check's damaged 8 and 10 went to rejected/
     if dist.get_rank() == 0:
         bad = newest / "ds" / "mp_rank_00_model_states.pt"
         torch.save({"module": RunsCode(str(marker))}, bad)

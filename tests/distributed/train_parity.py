@@ -15,6 +15,7 @@ line `RESULT {json}`; the pytest side asserts on it.
 from __future__ import annotations
 
 import gc
+import os
 import sys
 
 import torch
@@ -35,12 +36,19 @@ BASE = [
     "train.steps=10", "train.micro_batch_size=1", "train.global_batch_size=8", "train.log_interval=100",
     "optimizer.warmup_steps=3", "optimizer.clip_grad=1.0", "optimizer.decay_style=cosine",
     "optimizer.min_lr=3.0e-4", "logging.tensorboard=false", "data.source=synthetic",
-    "checkpoint.resume=false",  # independent runs share run.dir: never resume each other
 ]
+RUNS = {"root": "runs/parity", "n": 0}  # main() points the root at the directory pytest gives
+
+
+def own_run_dir() -> str:
+    """A run.dir of its own for every run: independent runs never resume one another (and a run.dir
+    that holds checkpoints is refused with checkpoint.resume=false). The same on every rank."""
+    RUNS["n"] += 1
+    return f"run.dir={RUNS['root']}/run-{RUNS['n']}"
 
 
 def run_trainer(overrides: list[str]):
-    cfg = load_config("configs/tiny.yaml", [*BASE, *overrides])
+    cfg = load_config("configs/tiny.yaml", [*BASE, own_run_dir(), *overrides])
     trainer = Trainer(cfg)
     init = trainer.full_parameters()
     results = trainer.train()
@@ -92,7 +100,8 @@ def layouts(ref_path: str, specs: list[str]) -> dict:
 
 def nan_checks(zero: int) -> dict:
     """DP=2 on this 2-rank world: a NaN on one rank's step 4 is skipped, counted, and the run goes on."""
-    cfg = load_config("configs/tiny.yaml", [*BASE, f"parallel.zero_stage={zero}", "train.steps=6"])
+    cfg = load_config("configs/tiny.yaml", [*BASE, own_run_dir(), f"parallel.zero_stage={zero}",
+                                            "train.steps=6"])
     trainer = Trainer(cfg)
     bad_steps: set[int] = {4}
 
@@ -114,7 +123,7 @@ def nan_checks(zero: int) -> dict:
         "unchanged_by_bad_step": max(rel(after_bad[k], before_bad[k]) for k in before_bad),
     }
     # every step from 2 on is bad: the 3rd in a row stops the run with a clear message
-    trainer2 = Trainer(load_config("configs/tiny.yaml", [*BASE, f"parallel.zero_stage={zero}",
+    trainer2 = Trainer(load_config("configs/tiny.yaml", [*BASE, own_run_dir(), f"parallel.zero_stage={zero}",
                                                           "train.max_consecutive_skips=3"]))
     bad_steps.update(range(2, 11))
     trainer = trainer2  # the hook reads `trainer.step`
@@ -129,6 +138,7 @@ def nan_checks(zero: int) -> dict:
 
 def main() -> None:
     what = sys.argv[1]
+    RUNS["root"] = f"{os.path.dirname(sys.argv[2])}/runs-{what}-{os.environ.get('WORLD_SIZE', '1')}"
     if what == "reference":
         report = reference(sys.argv[2], sys.argv[3])
     else:
