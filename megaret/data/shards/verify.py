@@ -41,6 +41,9 @@ def _fetch(loc: str, sha: str, cache_dir: Path) -> Path:
     except Exception as exc:  # noqa: BLE001
         tmp.unlink(missing_ok=True)
         raise DataError(f"cannot fetch shard {loc}: {exc}") from exc
+    except BaseException:  # Ctrl-C: no partial download stays in the cache folder
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, dest)
     return dest
 

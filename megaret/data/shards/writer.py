@@ -193,10 +193,12 @@ def split_warnings(manifest: dict[str, Any]) -> list[str]:
     out = []
     for split, info in manifest["splits"].items():
         if info["samples"] == 0:
+            n = info["documents"]
+            why = (f"its {n} documents hold fewer than one sample of {manifest['sample_tokens']} tokens" if n
+                   else "no document went to it")  # fmt: skip
             out.append(
-                f"the {split} split is empty ({info['documents']} documents, {info['tokens']} tokens, fewer "
-                f"than one sample of {manifest['sample_tokens']}): training with evaluation will refuse "
-                "these shards; add documents or raise --valid-fraction"
+                f"the {split} split is empty ({why}): training with evaluation will refuse these shards; "
+                "add documents or raise --valid-fraction"
             )
     return out
 
