@@ -89,9 +89,10 @@ def test_short_held_out_documents_are_warned_of() -> None:
     from megaret.data.shards.writer import split_warnings
 
     split = {"documents": 3, "samples": 0, "tokens": 0}
-    assert split_warnings({"sample_tokens": 2049, "splits": {"train": {**split, "samples": 9}, "valid": split}}) \
-        == ["the valid split is empty (its 3 documents hold fewer than one sample of 2049 tokens): training "
-            "with evaluation will refuse these shards; add documents or raise --valid-fraction"]
+    manifest = {"sample_tokens": 2049, "splits": {"train": {**split, "samples": 9}, "valid": split}}
+    assert split_warnings(manifest) == [
+        "the valid split is empty (its 3 documents hold fewer than one sample of 2049 tokens): training "
+        "with evaluation will refuse these shards; add documents or raise --valid-fraction"]
 
 
 def test_binary_detection() -> None:
