@@ -2,11 +2,15 @@
 
     python data_tools/build_shards.py --input DIR_OR_FILE [--input ...] --output DIR \\
         [--seq-length 2048] [--vocab-size 32000 | --tokenizer tokenizer.json] [--mode packed|segments] \\
-        [--valid-fraction 0.01] [--samples-per-shard N] [--name NAME --license TEXT] [--text-key text]
+        [--valid-fraction 0.01] [--samples-per-shard N] [--name NAME --license TEXT] [--text-key text] \\
+        [--on-binary error|skip]
     python data_tools/build_shards.py --default-corpus small|full --output DIR [...]
 
 An input is a .txt/.md/.py file, a .jsonl file (one {"text": ...} per line) or a folder of them.
 Without --tokenizer a byte-level BPE of --vocab-size is trained on the training documents first.
+--valid-fraction must be in (0, 1); a split that ends up empty anyway is warned about. Files of
+other suffixes in a folder are skipped; a binary file (NUL bytes, or over 1% of its bytes not
+UTF-8) is refused, or skipped with --on-binary skip; the summary counts and names skipped files.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megaret.data.corpus import Source  # noqa: E402
+from megaret.data.corpus import ON_BINARY, Source  # noqa: E402
 from megaret.data.shards import build_shards  # noqa: E402
 from megaret.entry import run_entry  # noqa: E402
 
@@ -39,10 +43,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vocab-size", type=int, default=32000)
     ap.add_argument("--tokenizer", help="an existing tokenizer.json (default: train one)")
     ap.add_argument("--mode", choices=("packed", "segments"), default="packed")
-    ap.add_argument("--valid-fraction", type=float, default=0.01, help="share of documents held out")
+    ap.add_argument(
+        "--valid-fraction", type=float, default=0.01, help="share of documents held out, in (0, 1)"
+    )
     ap.add_argument("--split-seed", type=int, default=0)
     ap.add_argument("--samples-per-shard", type=int, default=None)
     ap.add_argument("--text-key", default="text", help="JSON field holding the text")
+    ap.add_argument(
+        "--on-binary", choices=ON_BINARY, default="error",
+        help="a binary input file: stop with an error naming it (default) or skip and count it",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     if not (args.default_corpus or args.input):
         ap.error("give --input PATH (repeatable) or --default-corpus small|full")
@@ -54,8 +64,25 @@ def main(argv: list[str] | None = None) -> int:
             f"{split}: {info['documents']} documents, {info['samples']} samples, {info['tokens']} tokens, "
             f"{len(info['shards'])} shards"
         )
+    for line in skipped_lines(m):
+        print(line)
     print(f"wrote {manifest} in {time.time() - t0:.1f}s (vocab {m['tokenizer']['vocab_size']}, {m['dtype']})")
     return 0
+
+
+def skipped_lines(manifest: dict, shown: int = 5) -> list[str]:
+    """One line per source that skipped files: the count by reason, the first few names, "and N more"."""
+    lines = []
+    for src in manifest["sources"]:
+        info = src.get("skipped_files") or {}
+        n = info.get("count", 0)
+        if not n:
+            continue
+        reasons = ", ".join(f"{c} {why}" for why, c in info["reasons"].items())
+        names = info["first"][:shown]
+        more = f" and {n - len(names)} more" if n > len(names) else ""
+        lines.append(f"skipped {n} files of {src['name']} ({reasons}): {', '.join(names)}{more}")
+    return lines
 
 
 def _sources(args: argparse.Namespace) -> list[Source]:
@@ -76,6 +103,7 @@ def _build(args: argparse.Namespace) -> Path:
         _sources(args), args.output, seq_length=args.seq_length, tokenizer=args.tokenizer,
         vocab_size=args.vocab_size, mode=args.mode, valid_fraction=args.valid_fraction,
         split_seed=args.split_seed, samples_per_shard=args.samples_per_shard, text_key=args.text_key,
+        on_binary=args.on_binary, log=lambda line: print(line, file=sys.stderr, flush=True),
     )  # fmt: skip
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import json
 import math
 
 from megaret.data import open_split, resolve_manifests
+from megaret.data.from_config import check_vocab
 from megaret.entry import run_entry
 from megaret.infer.loading import InferenceError, add_model_args, load_model
 from megaret.infer.perplexity import check_window, evaluate_documents, iter_documents
@@ -53,6 +54,7 @@ def _evaluate(args: argparse.Namespace) -> dict:
     cfg, model, ctx, _ = load_model(args.config, args.weights, args.checkpoint, args.overrides)
     data = args.data or resolve_manifests(cfg)[0]
     shards = open_split(data, args.split, tokenizer=cfg.data.tokenizer)
+    check_vocab(shards, cfg.model.vocab_size)  # ids the model has no row for: refused, not masked
     shortest = max(args.min_doc_tokens, 1)  # a document of n tokens scores n - 1
     seen = 0
 

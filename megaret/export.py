@@ -56,8 +56,12 @@ def export(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]) -> P
                               "match its manifest")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, out)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, out)
+    except BaseException:  # a full disk or Ctrl-C leaves no temporary file behind
+        tmp.unlink(missing_ok=True)
+        raise
     meta = {"step": manifest["trainer"]["step"], "tokens_seen": manifest["trainer"]["tokens_seen"],
             "arch": model.arch, "parameters": n, "config": manifest["config"]}
     Path(f"{out}.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")

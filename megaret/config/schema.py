@@ -300,7 +300,7 @@ class TrainConfig(_Section):
     global_batch_size: int = 8  # sequences per optimizer step, over all data-parallel ranks
     precision: Precision = "bf16"
     log_interval: int = 10
-    eval_interval: int = 1000
+    eval_interval: int = 1000  # 0 (or eval_steps=0): no evaluation, the valid split is not read
     eval_steps: int = 10  # 0 skips evaluation
     recompute: bool = False  # activation recomputation
     max_consecutive_skips: int = 5  # stop after this many steps in a row with a NaN/inf loss or grad
@@ -310,9 +310,9 @@ class TrainConfig(_Section):
 
     def __post_init__(self) -> None:
         self._check_choices()
-        self._positive("steps", "micro_batch_size", "global_batch_size", "log_interval", "eval_interval",
+        self._positive("steps", "micro_batch_size", "global_batch_size", "log_interval",
                        "max_consecutive_skips", "collective_timeout_s")
-        self._non_negative("seed", "eval_steps")
+        self._non_negative("seed", "eval_steps", "eval_interval")
 
 
 @dataclass

@@ -2,7 +2,10 @@
 
 A *source* is one input path: a ``.txt``/``.md``/``.py`` file (one document), a ``.jsonl`` file
 (one document per line, text under ``text_key``), or a folder of such files (walked in sorted
-order, so builds are reproducible). Each :class:`Document` carries a stable ``key`` (source name +
+order, so builds are reproducible). In a folder, files of other suffixes are skipped and counted
+(:class:`Skipped`). A text file holding a NUL byte or more than :data:`MAX_UNDECODABLE` of bytes
+that are not UTF-8 is binary: refused (``on_binary="error"``, a DataError naming it) or skipped
+and counted (``on_binary="skip"``). Each :class:`Document` carries a stable ``key`` (source name +
 relative path [+ line]) from which the validation split is derived by hashing: a document is in the
 validation split independently of which other documents exist, so adding data never moves an old
 document between splits.
@@ -13,13 +16,34 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from megaret.data.errors import DataError
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")
 JSONL_SUFFIXES = (".jsonl", ".json")
+ON_BINARY = ("error", "skip")
+#: a text file with more undecodable bytes than this share (or any NUL byte) is binary
+MAX_UNDECODABLE = 0.01
+
+
+@dataclass
+class Skipped:
+    """Files of an input that gave no documents on purpose: (relative path, why), in walk order."""
+
+    files: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, rel: str, why: str) -> None:
+        self.files.append((rel, why))
+
+    def summary(self, limit: int = 10) -> dict[str, object]:
+        """For the manifest: the count, per-reason counts and the first ``limit`` "path (why)"."""
+        reasons: dict[str, int] = {}
+        for _, why in self.files:
+            reasons[why] = reasons.get(why, 0) + 1
+        return {"count": len(self.files), "reasons": reasons,
+                "first": [f"{rel} ({why})" for rel, why in self.files[:limit]]}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -40,15 +64,43 @@ class Source:
     license: str = "unknown (user data)"
     documents: Iterable[Document] | None = None  # None: read from `path`
 
-    def iter_documents(self, text_key: str = "text") -> Iterator[Document]:
+    def iter_documents(
+        self, text_key: str = "text", on_binary: str = "error", skipped: Skipped | None = None
+    ) -> Iterator[Document]:
         if self.documents is not None:
             yield from self.documents
         else:
-            yield from iter_path(self.path, self.name, text_key)
+            yield from iter_path(self.path, self.name, text_key, on_binary, skipped)
 
 
-def _read_text(path: Path) -> str:
-    return path.read_bytes().decode("utf-8", errors="replace")
+def binary_reason(data: bytes) -> str | None:
+    """Why ``data`` is not text (a NUL byte, too many bytes that are not UTF-8), or None."""
+    if b"\0" in data:
+        return "binary: holds NUL bytes"
+    try:
+        data.decode("utf-8")
+        return None
+    except UnicodeDecodeError:
+        bad = len(data) - len(data.decode("utf-8", errors="ignore").encode("utf-8"))
+    if bad > MAX_UNDECODABLE * len(data):
+        return f"binary: {bad / len(data):.0%} of its bytes are not UTF-8"
+    return None
+
+
+def _read_text(path: Path, on_binary: str, rel: str, skipped: Skipped | None) -> str | None:
+    """The file's text (the few bytes that are not UTF-8 replaced), or None for a skipped binary."""
+    data = path.read_bytes()
+    why = binary_reason(data)
+    if why is None:
+        return data.decode("utf-8", errors="replace")
+    if on_binary == "error":
+        raise DataError(
+            f"input {path} is not text ({why.removeprefix('binary: ')}); remove it from the input "
+            "or pass --on-binary skip to skip and count such files"
+        )
+    if skipped is not None:
+        skipped.add(rel, "binary")
+    return None
 
 
 def _iter_jsonl(path: Path, name: str, rel: str, text_key: str) -> Iterator[Document]:
@@ -69,8 +121,20 @@ def _iter_jsonl(path: Path, name: str, rel: str, text_key: str) -> Iterator[Docu
                 yield Document(f"{name}/{rel}:{lineno}", text, name)
 
 
-def iter_path(path: str | Path, name: str | None = None, text_key: str = "text") -> Iterator[Document]:
-    """Documents of a text file, a JSON-lines file or a folder of them (sorted, recursive)."""
+def iter_path(
+    path: str | Path,
+    name: str | None = None,
+    text_key: str = "text",
+    on_binary: str = "error",
+    skipped: Skipped | None = None,
+) -> Iterator[Document]:
+    """Documents of a text file, a JSON-lines file or a folder of them (sorted, recursive).
+
+    Files a folder holds of other suffixes, and binary files under ``on_binary="skip"``, are
+    recorded in ``skipped``.
+    """
+    if on_binary not in ON_BINARY:
+        raise DataError(f"on_binary={on_binary!r} is not one of {', '.join(ON_BINARY)}")
     p = Path(path)
     name = name or p.name
     if not p.exists():
@@ -84,9 +148,11 @@ def iter_path(path: str | Path, name: str | None = None, text_key: str = "text")
             yield from _iter_jsonl(f, name, rel, text_key)
         elif f.suffix in TEXT_SUFFIXES or f == p:
             found = True
-            text = _read_text(f)
+            text = _read_text(f, on_binary, rel, skipped)
             if text:
                 yield Document(f"{name}/{rel}", text, name)
+        elif skipped is not None:
+            skipped.add(rel, f"unsupported suffix {f.suffix or '(none)'}")
     if not found:
         raise DataError(f"input {p} holds no {'/'.join(TEXT_SUFFIXES + JSONL_SUFFIXES)} files")
 

@@ -132,6 +132,16 @@ class _BatchStream(torch.utils.data.IterableDataset):
             i += 1
 
 
+def _unwrapped(exc: DataError) -> DataError:
+    """A worker's DataError with its own one-line message (torch re-raises it in the main process
+    with the worker's whole traceback as the message)."""
+    text = str(exc)
+    if not text.startswith("Caught DataError in DataLoader worker"):
+        return exc
+    last = text.rstrip().rsplit("\n", 1)[-1]
+    return DataError(last.partition("DataError: ")[2] or last)
+
+
 class TokenLoader:
     """Infinite, resumable stream of micro-batches for one data-parallel rank.
 
@@ -204,10 +214,13 @@ class TokenLoader:
             )
         else:
             it = iter(stream)
-        for batch in it:
-            self.schedule.next_batch()  # metadata only: keeps the saved position = batches handed out
-            self.batches_consumed += 1
-            yield batch
+        try:
+            for batch in it:
+                self.schedule.next_batch()  # metadata only: keeps the saved position = batches handed out
+                self.batches_consumed += 1
+                yield batch
+        except DataError as exc:
+            raise _unwrapped(exc) from None
 
     def state_dict(self) -> dict[str, Any]:
         """Position of the stream; identical on all DP ranks."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -51,6 +52,7 @@ class Trainer:
         self.stages = build_stage_modules(cfg, self.ctx)
         self.engine = build_engine(cfg, self.ctx, self.stages)
         self.batches = batches or self._batch_source()
+        self._eval_source = self._open_eval()  # before step 1: a dataset without a valid split stops here
         # rank 0 writes run.dir; if it cannot, every rank stops there with one line
         self.metrics = agree_or_raise(self.ctx, self._prepare_run_dir, everywhere=True)
         # stateful segments: each layer's recurrent state flows on to the slot's next segment
@@ -154,20 +156,27 @@ class Trainer:
                        peak_flops=None if peak is None else peak.tflops * 1e12 * ctx.world_size,
                        device=ctx.device)
 
+    def _open_eval(self) -> BatchSource | None:
+        """The held-out batches' source (None when evaluation is off), opened with the trainer."""
+        cfg, ctx = self.cfg, self.ctx
+        if not (cfg.train.eval_steps and cfg.train.eval_interval):
+            if cfg.data.source == "shards" and ctx.rank == 0:
+                t = cfg.train
+                print(f"megaret: warning: evaluation is off (train.eval_interval={t.eval_interval}, "
+                      f"train.eval_steps={t.eval_steps}): the valid split is not read", file=sys.stderr)
+            return None
+        if cfg.data.source == "synthetic":
+            return self.batches if isinstance(self.batches, SyntheticBatches) else \
+                SyntheticBatches(cfg.model.vocab_size, cfg.data.seq_length, cfg.train.global_batch_size,
+                                 ctx.dp_size, ctx.dp_rank, cfg.train.seed)
+        loader = self._open_loader("valid", num_workers=0)
+        self._eval_start = loader.state_dict()
+        return LoaderBatches(loader, cfg.train.global_batch_size // ctx.dp_size, cfg.train.micro_batch_size)
+
     def _eval_batches(self) -> list[Batch]:
         """train.eval_steps batches of the held-out split, the same ones at every evaluation."""
-        cfg, ctx = self.cfg, self.ctx
-        if getattr(self, "_eval_source", None) is None:
-            if cfg.data.source == "synthetic":
-                self._eval_source = self.batches if isinstance(self.batches, SyntheticBatches) else \
-                    SyntheticBatches(cfg.model.vocab_size, cfg.data.seq_length, cfg.train.global_batch_size,
-                                     ctx.dp_size, ctx.dp_rank, cfg.train.seed)
-            else:
-                loader = self._open_loader("valid", num_workers=0)
-                self._eval_start = loader.state_dict()
-                self._eval_source = LoaderBatches(loader, cfg.train.global_batch_size // ctx.dp_size,
-                                                  cfg.train.micro_batch_size)
-        src = self._eval_source
+        cfg = self.cfg
+        src = self._eval_source  # None only when evaluation is off, and then nothing evaluates
         if isinstance(src, LoaderBatches):
             src.loader.load_state_dict(self._eval_start)
             src.restart()
@@ -222,7 +231,7 @@ class Trainer:
             self.consecutive_skips = 0
         self.metrics.log(self.step, result, tokens_per_s, self.skipped_steps, cfg.train.steps,
                          timer.seconds + data_seconds)  # the ETA counts the data time too
-        if cfg.train.eval_steps and self.step % cfg.train.eval_interval == 0:
+        if self._eval_source is not None and self.step % cfg.train.eval_interval == 0:
             self.evaluate()
         limit = cfg.train.max_consecutive_skips
         if self.consecutive_skips >= limit:

@@ -1,13 +1,20 @@
-"""Reading verified shards: indexed access to any sample of a split through mmapped tars.
+"""Reading verified shards: indexed access to any sample of a split through ``pread``.
 
 A :class:`ShardSet` is what :func:`~megaret.data.shards.verify.open_split` returns: the shards of
 one split that passed verification, numbered in two coordinate systems (all shards, as the
 manifest's ``doc_table`` counts them, and usable shards only, as the packed loader samples them).
+
+Shards are read with ``os.pread``, not through a memory map: a file truncated under a map kills
+the process with SIGBUS at the next touch of a lost page, which Python cannot catch. Every sample
+read also compares the open file's ``fstat`` with the identity recorded when the shard was
+verified (size, mtime, inode, device; ~1 µs), so a shard that shrinks or is rewritten under a
+running job is a :class:`DataError` naming it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -25,6 +32,9 @@ class ShardInfo:
     local: str | None  # verified local file (None: skipped as corrupt)
     samples: int
     sha256: str
+    size: int | None = None  # bytes, as the manifest records
+    max_id: int | None = None  # the largest token id in it (None: a manifest from before it was recorded)
+    identity: tuple[int, int, int, int] | None = None  # (size, mtime_ns, inode, device) when verified
 
 
 @dataclass
@@ -74,38 +84,27 @@ class ShardSet:
                 out.append((int(first), int(n)))
         return out
 
-    def _tar(self, shard: int) -> Any:
-        tar = self._open.get(shard)
-        if tar is None:
-            path = self.shards[shard].local
-            try:
-                tar = _FastIndexedTar(path, verbose=False)
-            except (OSError, ValueError) as exc:
-                raise DataError(f"shard {path} cannot be opened as a tar ({exc}); rebuild it") from exc
-            self._open[shard] = tar
+    def _file(self, shard: int) -> _ShardFile:
+        f = self._open.get(shard)
+        if f is None:
+            f = _ShardFile(self.shards[shard])
+            self._open[shard] = f
             if len(self._open) > 64:
                 self._open.popitem(last=False)[1].close()
         else:
             self._open.move_to_end(shard)
-        return tar
+        return f
 
     def _read(self, shard: int, local: int) -> tuple[np.ndarray, dict[str, Any]]:
-        tar = self._tar(shard)
         key = f"{int(self._orig_cum[shard]) + local:09d}"  # keys number samples across the split's shards
-        try:
-            _, tok = tar.get_by_name(key + ".tok")
-            _, meta = tar.get_by_name(key + ".json")
-        except KeyError as exc:
-            raise DataError(
-                f"shard {self.shards[shard].local} lacks sample {key} ({exc}); rebuild it"
-            ) from exc
+        tok, meta = self._file(shard).read(key + ".tok", key + ".json")
         tokens = np.frombuffer(tok, dtype=self.dtype)  # (sample_tokens,)
         if tokens.shape[0] != self.sample_tokens:
             raise DataError(
                 f"shard {self.shards[shard].local} sample {key} has {tokens.shape[0]} tokens, "
                 f"the manifest says {self.sample_tokens}; rebuild it"
             )
-        return tokens, json.loads(bytes(meta))
+        return tokens, json.loads(meta)
 
     def read_usable(self, index: int) -> tuple[np.ndarray, dict[str, Any]]:
         """Sample ``index`` of the usable-sample space [0, num_samples)."""
@@ -122,48 +121,87 @@ class ShardSet:
             tar.close()
         self._open.clear()
 
-    def __getstate__(self) -> dict[str, Any]:  # open mmaps do not travel to loader workers
+    def __getstate__(self) -> dict[str, Any]:  # open files do not travel to loader workers
         state = self.__dict__.copy()
         state["_open"] = OrderedDict()
         return state
 
 
-def _fast_index(mm: Any) -> tuple[dict[str, int], list[tuple[str, int, int]]]:
-    """Member offsets of an uncompressed tar: ~3x faster than wids' header-by-header namedtuples."""
-    by_name, by_index = {}, []
-    off, end = 0, len(mm)
-    while off + 512 <= end:
-        name = mm[off : off + 100].split(b"\0", 1)[0].decode()
-        if not name:
-            break
-        size = int(mm[off + 124 : off + 136].split(b"\0", 1)[0].strip() or b"0", 8)
-        if mm[off + 156 : off + 157] in (b"0", b"\0"):
-            by_name[name] = off
-            by_index.append((name, off, size))
-        off += 512 + (size + 511) // 512 * 512
-    return by_name, by_index
+class _ShardFile:
+    """One open shard: the member offsets of its uncompressed tar, members read with pread."""
+
+    def __init__(self, info: ShardInfo) -> None:
+        self.path = str(info.local)
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY)
+        except OSError as exc:
+            raise DataError(
+                f"shard {self.path} cannot be opened ({exc}); restore it or rebuild the shards"
+            ) from exc
+        try:
+            self.identity = _identity(os.fstat(self.fd))
+            if info.identity is not None and self.identity != info.identity:
+                raise self._changed(self.identity, info.identity, "since it was verified")
+            if info.size is not None and self.identity[0] != info.size:
+                raise self._changed(self.identity, (info.size,), "from its manifest size")
+            self.members = self._index()
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def _changed(self, now: tuple[int, ...], expected: tuple[int, ...], when: str) -> DataError:
+        size, was = now[0], expected[0]
+        what = f"now {size} bytes, was {was}" if size != was else "rewritten: its mtime or inode differs"
+        return DataError(
+            f"shard {self.path} changed {when} ({what}); restore it and restart (the shard is verified "
+            "again), or rebuild the shards"
+        )
+
+    def _index(self) -> dict[str, tuple[int, int]]:
+        """{member name: (data offset, size)} from the 512-byte headers (ustar, no extensions)."""
+        members, off, end = {}, 0, self.identity[0]
+        while off + 512 <= end:
+            header = os.pread(self.fd, 512, off)
+            if len(header) < 512 or header[0] == 0:  # the end-of-archive blocks
+                break
+            try:
+                name = header[:100].split(b"\0", 1)[0].decode()
+                size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+            except ValueError as exc:
+                raise DataError(
+                    f"shard {self.path} is not a tar (bad header at byte {off}); rebuild it"
+                ) from exc
+            if header[156:157] in (b"0", b"\0"):
+                members[name] = (off + 512, size)
+            off += 512 + (size + 511) // 512 * 512
+        return members
+
+    def read(self, *names: str) -> list[bytes]:
+        """The named members' bytes; the file must still be the one that was opened."""
+        now = _identity(os.fstat(self.fd))
+        if now != self.identity:
+            raise self._changed(now, self.identity, "while in use")
+        out = []
+        for name in names:
+            try:
+                off, size = self.members[name]
+            except KeyError as exc:
+                raise DataError(f"shard {self.path} lacks member {name}; rebuild it") from exc
+            data = os.pread(self.fd, size, off)
+            if len(data) != size:
+                raise DataError(
+                    f"shard {self.path} changed while in use (member {name} is cut short); restore it "
+                    "and restart, or rebuild the shards"
+                )
+            out.append(data)
+        return out
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
-def _fast_indexed_tar_class() -> type:
-    from wids.wids_mmtar import MMIndexedTar
-
-    class FastIndexedTar(MMIndexedTar):
-        """wids' mmap-indexed tar reader with a faster index build."""
-
-        def _build_index(self) -> None:
-            self.by_name, self.by_index = _fast_index(self.mmapped_file)
-
-    return FastIndexedTar
-
-
-def _FastIndexedTar(path: str | None, verbose: bool = False) -> Any:  # noqa: N802 - a class factory
-    global _FAST_CLS
-    if _FAST_CLS is None:
-        _FAST_CLS = _fast_indexed_tar_class()
-    return _FAST_CLS(path, verbose=verbose)
-
-
-_FAST_CLS: type | None = None
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
 
 
 def iter_manifest_tokens(sets: Iterable[ShardSet]) -> Iterator[np.ndarray]:

@@ -41,6 +41,9 @@ def _fetch(loc: str, sha: str, cache_dir: Path) -> Path:
     except Exception as exc:  # noqa: BLE001
         tmp.unlink(missing_ok=True)
         raise DataError(f"cannot fetch shard {loc}: {exc}") from exc
+    except BaseException:  # Ctrl-C: no partial download stays in the cache folder
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, dest)
     return dest
 
@@ -74,13 +77,22 @@ def verified_digest(local: Path, expected: str, stamp_dir: Path | None = None) -
     digest = sha256_file(local)
     if stamp_dir is not None and digest == expected:
         try:
-            stamp_dir.mkdir(parents=True, exist_ok=True)
             tmp = stamp.with_suffix(f".tmp-{os.getpid()}")
+            stamp_dir.mkdir(parents=True, exist_ok=True)
             tmp.write_text(json.dumps({"sha256": digest, **_file_identity(local)}))
             os.replace(tmp, stamp)
         except OSError as exc:  # a read-only cache only costs the next open a re-hash
+            tmp.unlink(missing_ok=True)
             warnings.warn(f"cannot write the verification stamp {stamp}: {exc}", stacklevel=2)
     return digest
+
+
+def _max_id(entry: dict, where: str) -> int | None:
+    """The shard's largest token id from its manifest entry (None: built before it was recorded)."""
+    value = entry.get("max_id")
+    if value is not None and (type(value) is not int or value < 0):
+        raise DataError(f"shard {where}: its manifest max_id {value!r} is not an id; rebuild the shards")
+    return value
 
 
 def open_split(
@@ -141,6 +153,8 @@ def open_split(
                 local.unlink(missing_ok=True)
             shards.append(ShardInfo(entry["name"], where, None, entry["samples"], entry["sha256"]))
             continue
-        shards.append(ShardInfo(entry["name"], where, str(local), entry["samples"], entry["sha256"]))
+        identity = tuple(_file_identity(local)[k] for k in ("size", "mtime_ns", "inode", "device"))
+        shards.append(ShardInfo(entry["name"], where, str(local), entry["samples"], entry["sha256"],
+                                size=entry["bytes"], max_id=_max_id(entry, where), identity=identity))
     return ShardSet(manifest, loc, split, shards, skipped)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from megaret.data.corpus import Document, Source, split_keys
+from megaret.data.corpus import ON_BINARY, Document, Skipped, Source, split_keys
 from megaret.data.errors import DataError
 from megaret.data.shards.layout import FORMAT, MANIFEST, MODES, SPLITS, VERSION, sha256_file
 from megaret.data.tokenizer import TOKENIZER_FILE, Tokenizer
@@ -50,6 +50,7 @@ class _SplitWriter:
         self.n_samples = 0
         self.n_docs = 0
         self.shard_tokens: list[int] = []
+        self.shard_max: list[int] = []  # largest token id per shard (vs model.vocab_size)
         self.doc_table: list[list[int]] = []  # segments mode: [first sample, n segments] per document
         self._buf = np.zeros(0, dtype=np.int64)  # packed mode: stream tokens not yet emitted
         self._starts: list[int] = []  # packed mode: document starts in _buf coordinates
@@ -58,7 +59,9 @@ class _SplitWriter:
         shard = self.n_samples // self.per_shard
         if shard == len(self.shard_tokens):
             self.shard_tokens.append(0)
+            self.shard_max.append(0)
         self.shard_tokens[shard] += n_real
+        self.shard_max[shard] = max(self.shard_max[shard], int(tokens.max()))
         self.writer.write(
             {
                 "__key__": f"{self.n_samples:09d}",
@@ -110,6 +113,7 @@ class _SplitWriter:
                     "bytes": path.stat().st_size,
                     "samples": count,
                     "tokens": self.shard_tokens[i],
+                    "max_id": self.shard_max[i],
                 }
             )
         info: dict[str, Any] = {
@@ -135,28 +139,92 @@ def build_shards(
     split_seed: int = 0,
     samples_per_shard: int | None = None,
     text_key: str = "text",
+    on_binary: str = "error",
     tokenizer_sample_bytes: int = 200_000_000,
     log: Any = print,
 ) -> Path:
     """Tokenize ``sources`` into train/valid shards under ``out_dir``; return the manifest path.
 
     With ``tokenizer=None`` a byte-level BPE of ``vocab_size`` is trained on (up to
-    ``tokenizer_sample_bytes`` of) the training documents first. The directory is written under a
-    temporary name and renamed at the end, so a crash never leaves a half-built manifest.
+    ``tokenizer_sample_bytes`` of) the training documents first. ``valid_fraction`` must be in
+    (0, 1); a split left empty anyway (too few documents or tokens) is logged as a warning
+    (:func:`split_warnings`). ``on_binary``: refuse a binary input file ("error") or skip it
+    ("skip"); skipped files are counted per source in the manifest. The directory is written
+    under a temporary name and renamed at the end, so a crash never leaves a half-built
+    manifest; a build that fails removes its temporary directory.
     """
     if mode not in MODES:
         raise DataError(f"packing mode {mode!r} is not one of {', '.join(MODES)}")
     if seq_length <= 0:
         raise DataError(f"seq_length={seq_length} must be > 0")
+    if not 0 < valid_fraction < 1:
+        raise DataError(
+            f"--valid-fraction {valid_fraction} is outside (0, 1): give the share of documents held out "
+            "for evaluation, e.g. 0.01"
+        )
+    if on_binary not in ON_BINARY:
+        raise DataError(f"on_binary={on_binary!r} is not one of {', '.join(ON_BINARY)}")
     out = Path(out_dir)
     if (out / MANIFEST).exists():
         raise DataError(f"{out / MANIFEST} already exists; choose another --output or delete it")
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        manifest = _build_into(
+            tmp, sources, seq_length=seq_length, tokenizer=tokenizer, vocab_size=vocab_size, mode=mode,
+            valid_fraction=valid_fraction, split_seed=split_seed, samples_per_shard=samples_per_shard,
+            text_key=text_key, on_binary=on_binary, tokenizer_sample_bytes=tokenizer_sample_bytes, log=log,
+        )  # fmt: skip
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if out.exists() and not any(out.iterdir()):
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:  # also Ctrl-C: no half-built folder stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for warning in split_warnings(manifest):
+        log(f"warning: {warning}")
+    return out / MANIFEST
 
-    # pass 1: document keys -> validation split (by document, stable hash)
-    keys = [d.key for s in sources for d in s.iter_documents(text_key)]
+
+def split_warnings(manifest: dict[str, Any]) -> list[str]:
+    """A line for each split without samples (training with evaluation refuses such a dataset)."""
+    out = []
+    for split, info in manifest["splits"].items():
+        if info["samples"] == 0:
+            n = info["documents"]
+            why = (f"its {n} documents hold fewer than one sample of {manifest['sample_tokens']} tokens" if n
+                   else "no document went to it")  # fmt: skip
+            out.append(
+                f"the {split} split is empty ({why}): training with evaluation will refuse these shards; "
+                "add documents or raise --valid-fraction"
+            )
+    return out
+
+
+def _build_into(
+    tmp: Path,
+    sources: list[Source],
+    *,
+    seq_length: int,
+    tokenizer: str | Path | Tokenizer | None,
+    vocab_size: int,
+    mode: str,
+    valid_fraction: float,
+    split_seed: int,
+    samples_per_shard: int | None,
+    text_key: str,
+    on_binary: str,
+    tokenizer_sample_bytes: int,
+    log: Any,
+) -> dict[str, Any]:
+    """Write the tokenizer and both splits' shards into ``tmp``; return the manifest."""
+    # pass 1: document keys -> validation split (by document, stable hash); skipped files counted
+    keys: list[str] = []
+    skipped = {s.name: Skipped() for s in sources}
+    for s in sources:
+        keys += [d.key for d in s.iter_documents(text_key, on_binary, skipped[s.name])]
     if not keys:
         raise DataError(f"the inputs {[s.path for s in sources]} contain no non-empty documents")
     if len(set(keys)) != len(keys):
@@ -176,7 +244,7 @@ def build_shards(
         def sample() -> Iterator[str]:
             budget = tokenizer_sample_bytes
             for s in sources:
-                for d in s.iter_documents(text_key):
+                for d in s.iter_documents(text_key, on_binary):
                     if d.key not in valid and budget > 0:
                         budget -= len(d.text)
                         yield d.text
@@ -202,7 +270,7 @@ def build_shards(
             for d, ids in zip(batch, tok.encode_batch([d.text for d in batch]), strict=True):
                 writers["valid" if d.key in valid else "train"].add(ids)
 
-        for d in s.iter_documents(text_key):
+        for d in s.iter_documents(text_key, on_binary):
             n_docs["valid" if d.key in valid else "train"] += 1
             n_bytes += len(d.text.encode("utf-8", errors="replace"))
             batch.append(d)
@@ -218,6 +286,7 @@ def build_shards(
                 "bytes": n_bytes,
                 "documents": n_docs["train"] + n_docs["valid"],
                 "valid_documents": n_docs["valid"],
+                "skipped_files": skipped[s.name].summary(),
             }
         )
     splits = {sp: w.close() for sp, w in writers.items()}
@@ -226,15 +295,10 @@ def build_shards(
             f"the inputs hold fewer than seq_length+1={seq_length + 1} training tokens; "
             "add text or lower seq_length"
         )
-    manifest = {
+    return {
         "format": FORMAT, "version": VERSION, "mode": mode, "seq_length": seq_length,
         "sample_tokens": seq_length + 1, "dtype": tok.dtype,
         "tokenizer": {"file": TOKENIZER_FILE, "sha256": tok.sha256, "vocab_size": tok.vocab_size,
                       "bos_id": tok.bos_id, "eos_id": tok.eos_id},
         "valid_fraction": valid_fraction, "split_seed": split_seed, "sources": src_info, "splits": splits,
     }  # fmt: skip
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    if out.exists() and not any(out.iterdir()):
-        out.rmdir()
-    os.replace(tmp, out)
-    return out / MANIFEST
