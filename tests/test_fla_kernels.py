@@ -88,18 +88,20 @@ def test_fla_chunk_form_matches_torch_at_real_sizes_on_cuda():
     reset = torch.rand(b, t, device="cuda", generator=g) < 0.003
     lg = retnet_log_decay(2 * h, head_offset=h, num_local_heads=h).cuda()  # TP rank 1 of 2
 
-    def run(form):
-        leaves = [x.clone().requires_grad_() for x in (q, k, v, s0)]
+    q, k, v = (x.bfloat16() for x in (q, k, v))  # training's dtype (fp32 on CUDA runs the torch form)
+
+    def run(form, dtype):
+        leaves = [x.to(dtype).requires_grad_() for x in (q, k, v)] + [s0.clone().requires_grad_()]
         o, s = form(*leaves[:3], lg, leaves[3], reset=reset)
-        (o.square().sum() + s.square().sum()).backward()
+        (o.float().square().sum() + s.square().sum()).backward()
         return [o, s] + [x.grad for x in leaves]
 
     def norm_rel(a: torch.Tensor, b: torch.Tensor) -> float:
         return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
-    got, ref = run(chunk_retention_fla), run(chunk_retention)
+    got, ref = run(chunk_retention_fla, torch.bfloat16), run(chunk_retention, torch.float32)
     errors = [norm_rel(a, b) for a, b in zip(got, ref, strict=True)]
-    assert max(errors[:2]) < 5e-3 and max(errors[2:]) < 1e-2, errors  # tf32 on tensor cores
+    assert max(errors[:2]) < 2e-2 and max(errors[2:]) < 3e-2, errors  # bf16 inputs, fp32 states
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ Document resets become fla's variable-length sequences: the batch is flattened t
 sequence starts at every sample start and every reset (``cu_seqlens``). The carried state of
 sample b enters only its first sequence (zeros there too if the sample starts with a reset,
 zeros for the others), and its final state is that of its last sequence. Finding the
-boundaries costs one host sync per call with resets. Inputs the kernel cannot take (fp64, an
-empty sequence) run the torch chunk form instead, the reason logged once.
+boundaries costs one host sync per call with resets. Inputs the kernel cannot take (fp64, fp32 on
+CUDA, an empty sequence) run the torch chunk form instead, the reason logged once.
 
 fla is imported only when this form runs (or `uses_fla` finds it for ``auto``).
 """
@@ -69,6 +69,10 @@ def uses_fla(kernel: str, device: torch.device) -> bool:
 def _unsupported(q: Tensor) -> str | None:
     if q.dtype == torch.float64:
         return "fp64 inputs (fla's kernels compute in fp32 at most)"
+    if q.dtype == torch.float32 and q.is_cuda:
+        # measured on an H100 (bench/gpu_check.sh, 2026-11-28): fla-core 0.6.0 under triton 3.6 failed
+        # to compile chunk_simple_gla for fp32 inputs ("CompilationError: at 39:17"); bf16 ran
+        return "fp32 inputs on CUDA (fla 0.6.0's kernel failed to compile for fp32 there; bf16 runs on fla)"
     if q.shape[1] == 0:
         return "an empty sequence"
     return None
