@@ -107,12 +107,12 @@ def _fla_kernel_call() -> str:
     except Exception as exc:  # noqa: BLE001
         return f"unavailable: {one_line(exc)}"
     g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(1, 128, 2, 64, device="cuda", generator=g) for _ in range(3))
+    q, k, v = (torch.randn(1, 128, 2, 64, device="cuda", generator=g).bfloat16() for _ in range(3))
     gamma = torch.log1p(-torch.exp2(-5.0 - torch.arange(2.0, device="cuda")))
     o, _ = chunk_simple_gla(q, k, v, g_gamma=gamma, scale=0.125)
     ref, _ = naive_recurrent_simple_gla(q, k, v, gamma.expand(1, 128, 2).contiguous(), scale=0.125)
     err = ((o.float() - ref.float()).norm() / ref.float().norm()).item()
-    return f"ok rel_err={err:.2e}" if err < 1e-2 else f"wrong rel_err={err:.2e}"
+    return f"ok rel_err={err:.2e}" if err < 2e-2 else f"wrong rel_err={err:.2e}"  # bf16 inputs
 
 
 # ---------------------------------------------------------------------------------------------
