@@ -129,13 +129,12 @@ def dead_pid() -> int:
 
 def fill(path: Path) -> None:
     """Write into `path` until the file system is full."""
-    with open(path, "wb") as f:
-        try:
+    try:
+        with open(path, "wb", buffering=0) as f:  # unbuffered: nothing left to fail at close
             while True:
                 f.write(b"\0" * 65536)
-                f.flush()
-        except OSError:
-            pass
+    except OSError:  # ENOSPC: full
+        pass
 
 
 # ---------------------------------------------------------------------------------------------

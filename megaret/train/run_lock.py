@@ -137,8 +137,8 @@ class RunLock:
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise RunLockError(f"cannot create run.dir {self.run_dir}: {exc.strerror}; set run.dir to a "
-                               "writable directory") from None
+            raise RunLockError(f"run.dir={self.run_dir} is not writable ({exc.strerror}: {exc.filename}); "
+                               "set run.dir to a directory this job can write") from None
         earlier = _HELD.get(str(self.path))
         if earlier is not None:  # an earlier Trainer of this process that was never closed
             earlier.release()
@@ -281,22 +281,7 @@ def release_held() -> None:
 
 def hold_run_dir(run_dir: str | os.PathLike[str], ctx: Any) -> RunLock | None:
     """Rank 0 takes the lock of `run_dir` (None on the other ranks); if it cannot, every rank
-    raises the same RunLockError (nobody waits for a rank that stopped)."""
-    import torch.distributed as dist
+    stops there (the others quoting rank 0's line: nobody waits for a rank that stopped)."""
+    from megaret.parallel.agree import agree_or_raise
 
-    lock, box, error = None, [None], None
-    if ctx.rank == 0:
-        try:
-            lock = RunLock(run_dir).acquire()
-        except RunLockError as exc:
-            box[0] = str(exc)
-        except Exception as exc:  # noqa: BLE001 - a bug: rank 0 re-raises it, the others stop too
-            error = exc
-            box[0] = f"rank 0 could not take the lock of run.dir {run_dir} ({exc!r}); see its error"
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(box, src=0)
-    if error is not None:
-        raise error
-    if box[0] is not None:
-        raise RunLockError(box[0])
-    return lock
+    return agree_or_raise(ctx, lambda: RunLock(run_dir).acquire())
