@@ -11,7 +11,7 @@ import sys
 
 from tests.conftest import REPO
 
-STAGES = ["install", "imports", "retention", "throughput", "decoding", "train", "pytest"]
+STAGES = ["install", "train", "imports", "decoding", "retention", "throughput", "pytest"]
 
 
 def test_cpu_smoke_runs_every_stage_into_one_json(tmp_path):
