@@ -139,8 +139,9 @@ def test_failed_build_leaves_no_temp_folder(tmp_path, capsys, monkeypatch) -> No
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Tokenizer, "encode_batch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as stopped:  # run_entry: Ctrl-C is exit 130
         cli.main([*args, str(tmp_path / "out"), "--seq-length", "16"])
+    assert stopped.value.code == 130
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 

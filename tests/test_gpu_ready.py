@@ -161,6 +161,7 @@ def test_train_step_times_the_step_without_the_batch_fetch(monkeypatch):
     monkeypatch.setattr(trainer_module, "train_step", fake_step)
     t = trainer_module.Trainer.__new__(trainer_module.Trainer)
     t.cfg, t.step, t.skipped_steps, t.consecutive_skips, t.carry = cfg, 0, 0, 0, None
+    t._eval_source = None  # evaluation off
     t.ctx = types.SimpleNamespace(device=torch.device("cpu"), rank=0)
     t.engine = t.stages = None
     t.batches = SlowBatches(cfg.model.vocab_size, cfg.data.seq_length, cfg.train.global_batch_size, 1, 0, 0)
