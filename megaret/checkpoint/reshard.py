@@ -27,9 +27,9 @@ all-reduce / accumulation order), and the gathered moments equal the saved ones 
 the other parts load as usual, each from the saved rank with the same coordinates (else the same
 DP rank, else rank 0): a loader position is tied to the DP size, so the data part refuses a DP
 change for loader-based data (data.source=synthetic is keyed by step and global sample, any DP
-size sees the same batches); dropout streams are per TP rank, so exactness across TP sizes holds
-with dropout 0. Carried recurrent states (data.packing=segments) and ZeRO-0/3 are refused with
-the fix.
+size sees the same batches); dropout streams are per rank (megaret/models/dropout.py) and a rank
+with no saved twin takes another rank's, so exactness across layouts holds with dropout 0.
+Carried recurrent states (data.packing=segments) and ZeRO-0/3 are refused with the fix.
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ from torch import nn
 from megaret.config import ModelConfig
 from megaret.config.schema import GateType, check_choice
 from megaret.models.attention_layer import HeadScale, KVCache, SelfAttention, windowed_self_attention
+from megaret.models.dropout import ResidualDropout
 from megaret.models.ffn import FeedForward
 from megaret.models.norms import build_norm
 from megaret.models.parallel_linear import column, row
@@ -168,7 +169,7 @@ class RecurrentBlock(nn.Module):
         self.initial_state = nn.Parameter(torch.empty(cfg.num_states, d))
         nn.init.normal_(self.state_ids, std=cfg.init_std)
         nn.init.normal_(self.initial_state, std=1.0)  # unit scale, like the normed states it stands for
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = ResidualDropout(cfg.dropout, config.sequence_parallel and tp.size > 1)
 
     # -- pieces -------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from megatron.core.transformer import TransformerConfig
 from torch import nn
 
 from megaret.config import ModelConfig
+from megaret.models.dropout import ResidualDropout
 from megaret.models.ffn import FeedForward
 from megaret.models.norms import build_norm
 from megaret.models.retention_layer import MultiScaleRetention
@@ -71,7 +72,7 @@ class RetNetBlock(nn.Module):
         )
         self.ffn_norm = build_norm(cfg.norm_type, cfg.hidden_size, cfg.norm_eps)
         self.ffn = FeedForward(cfg.hidden_size, cfg.ffn_hidden_size, cfg.ffn_type, config, tp)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = ResidualDropout(cfg.dropout, config.sequence_parallel and tp.size > 1)
 
     def forward(self, x: torch.Tensor, state: torch.Tensor | None, position: int, mode: str,
                 doc_start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,6 +30,7 @@ from megatron.core.transformer.enums import ModelType
 from torch import nn
 
 from megaret.config import ModelConfig
+from megaret.models.dropout import ResidualDropout
 from megaret.models.norms import RMSNorm, build_norm
 from megaret.parallel.context import TensorParallel
 
@@ -105,8 +106,8 @@ class StagedLanguageModel(nn.Module):
             ))
         else:
             self.final_norm = self.output = None
-        self.dropout = nn.Dropout(cfg.dropout)
         self.sequence_parallel = bool(config.sequence_parallel) and tp.size > 1
+        self.dropout = ResidualDropout(cfg.dropout, self.sequence_parallel)  # on the embedding's output
         if self.sequence_parallel:
             for module in self.modules():
                 norm = isinstance(module, nn.LayerNorm | RMSNorm)

@@ -19,6 +19,7 @@ from torch import nn
 from megaret.config import ModelConfig
 from megaret.models.attention_layer import KVCache, SelfAttention
 from megaret.models.brt_layer import BRTLayerState
+from megaret.models.dropout import ResidualDropout
 from megaret.models.ffn import FeedForward
 from megaret.models.norms import build_norm
 from megaret.models.stage import StagedLanguageModel
@@ -49,7 +50,7 @@ class TransformerBlock(nn.Module):
                                        rotary_base=cfg.rotary_base)
         self.ffn_norm = build_norm(cfg.norm_type, cfg.hidden_size, cfg.norm_eps)
         self.ffn = FeedForward(cfg.hidden_size, cfg.ffn_hidden_size, cfg.ffn_type, config, tp)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = ResidualDropout(cfg.dropout, config.sequence_parallel and tp.size > 1)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None, position: int,
                 doc: torch.Tensor | None = None) -> tuple[torch.Tensor, KVCache]:

@@ -188,3 +188,17 @@ def destroy_parallel_context() -> None:
         ps.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def dropout_seed_offset(dp_rank: int, pp_rank: int, pp_size: int) -> int:
+    """What a rank adds to train.seed for its dropout streams: 100 per (DP rank, stage) slot,
+    so no two (DP, PP) coordinates share a stream (and the TP streams, + 2718 + tp_rank, stay
+    apart for TP < 82)."""
+    return 100 * (dp_rank * pp_size + pp_rank)
+
+
+def seed_dropout_streams(seed: int, ctx: ParallelContext) -> None:
+    """Reseed this rank's default generator and megatron's tracker for dropout, once the model
+    is built (its weights come from `seed` alone): the same streams on the TP peers of a DP rank
+    and stage, different ones across DP ranks and stages (the rule: megaret/models/dropout.py)."""
+    seed_tensor_parallel_rng(seed + dropout_seed_offset(ctx.dp_rank, ctx.pp_rank, ctx.pp_size), ctx.tp.rank)

@@ -199,7 +199,9 @@ def seed_tensor_parallel_rng(seed: int, tp_rank: int) -> None:
     """Seed the default generator (same on TP peers) and the TP-region generator (per rank).
 
     Mirrors megatron's model_parallel_cuda_manual_seed: the data-parallel region uses
-    `seed`, the tensor-parallel region `seed + 2718 + tp_rank`.
+    `seed`, the tensor-parallel region `seed + 2718 + tp_rank`. Called with train.seed when the
+    parallel context is built (the weights), then with each rank's dropout seed once the model
+    is built (`seed_dropout_streams`, megaret/parallel/context.py).
     """
     torch.manual_seed(seed)
     random = importlib.import_module("megatron.core.tensor_parallel.random")

@@ -19,7 +19,7 @@ from megaret.config import Config, ConfigError, save_config
 from megaret.errors import UserError
 from megaret.models.spec import arch_spec
 from megaret.parallel.agree import agree_or_raise
-from megaret.parallel.context import build_parallel_context, launch_world_size
+from megaret.parallel.context import build_parallel_context, launch_world_size, seed_dropout_streams
 from megaret.parallel.cpu_adapters import cpu_adapters_active
 from megaret.train.batches import Batch, BatchSource, LoaderBatches, SyntheticBatches
 from megaret.train.engine import build_engine, build_stage_modules
@@ -51,6 +51,7 @@ class Trainer:
         self.start = plan_start(cfg, self.ctx)  # what run.dir holds, checked: resume, load, fresh or done
         self.stages = build_stage_modules(cfg, self.ctx)
         self.engine = build_engine(cfg, self.ctx, self.stages)
+        seed_dropout_streams(cfg.train.seed, self.ctx)  # after the weights; a resume restores the streams
         self.batches = batches or self._batch_source()
         self._eval_source = self._open_eval()  # before step 1: a dataset without a valid split stops here
         # rank 0 writes run.dir; if it cannot, every rank stops there with one line

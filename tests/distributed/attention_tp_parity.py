@@ -12,7 +12,11 @@ exercised) forward and backward, and the full-vocabulary logits and every parame
 Every registered arch (megaret/models/spec.py) is also built from its spec at TP=2, run forward
 and backward over two segments, and its carried state round-tripped through the state protocol
 (state_dict, a weights-only file, from_state_dict): continuing from the loaded state equals
-continuing from the original.
+continuing from the original; every dropout module of every arch is a ResidualDropout.
+
+The dropout rule (megaret/models/dropout.py) on TP=2 x DP=2: the masks of a RetNet's dropout
+modules (forward hooks) with and without sequence parallelism, gathered from the four ranks, and
+the next masks after the checkpoint's RNG part is saved and restored.
 """
 
 from __future__ import annotations
@@ -21,12 +25,15 @@ import io
 import sys
 
 import torch
+import torch.distributed as dist
 from _common import print_result, rel  # tests/distributed/_common.py (the script's own folder)
 
 from megaret.checkpoint.gather import gather_full
+from megaret.checkpoint.parts import RNG
 from megaret.config import load_config
+from megaret.models.dropout import ResidualDropout
 from megaret.models.spec import SPECS, build_model
-from megaret.parallel.context import build_parallel_context, destroy_parallel_context
+from megaret.parallel.context import build_parallel_context, destroy_parallel_context, seed_dropout_streams
 from megaret.parallel.megatron_config import megatron_config
 
 VARIANTS = {
@@ -102,13 +109,67 @@ def check_spec(arch: str, tp: int) -> dict:
         # a reset of every sample equals a fresh start except for the shared position offset
         # (rotary angles are relative: equal up to rounding)
         "reset_rel": rel(restarted.logits, fresh.logits),
+        "dropout_ok": all(isinstance(m, ResidualDropout) for m in model.modules()
+                          if isinstance(m, torch.nn.Dropout)),
         "grads_finite": all(g is not None and bool(g.isfinite().all()) for g in grads),
         "grads_nonzero": sum(int(g is not None and bool(g.abs().sum() > 0)) for g in grads) / len(grads),
         "logits": logits,
     }
 
 
+def dropout_masks(sp: bool) -> list[dict]:
+    """On TP=2 (x DP=2 over 4 ranks): the masks a RetNet with dropout 0.5 draws in one training
+    forward, the next forward's, and the next forward's again after the RNG part is restored;
+    what every rank drew, gathered."""
+    overrides = ["parallel.tensor=2", f"parallel.sequence_parallel={str(sp).lower()}", "model.dropout=0.5",
+                 "model.vocab_size=128", "data.seq_length=32"]
+    cfg = load_config("configs/tiny.yaml", overrides)
+    ctx = build_parallel_context(2, 1, seed=cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, megatron_config(cfg.model, cfg.parallel), ctx.tp)
+    seed_dropout_streams(cfg.train.seed, ctx)
+    drops = [m for m in model.modules() if isinstance(m, ResidualDropout)]
+    assert drops and all(m.sequence_parallel == sp for m in drops), drops
+    masks: list[torch.Tensor] = []
+    for m in drops:
+        m.register_forward_hook(lambda mod, inp, out: masks.append((out != 0).flatten()))
+    x = torch.randint(128, (2, 32), generator=torch.Generator().manual_seed(5))  # the same on every rank
+
+    def forward() -> torch.Tensor:
+        masks.clear()
+        model(x, x)
+        return torch.cat(masks)
+
+    first = forward()
+    saved = RNG().state_dict()  # a checkpoint's RNG part between two steps
+    second = forward()
+    RNG().load_state_dict(saved)  # a resume from it
+    resumed = forward()
+    got = [None] * ctx.world_size
+    dist.all_gather_object(got, {"tp_rank": ctx.tp.rank, "dp_rank": ctx.dp_rank, "first": first,
+                                 "second": second, "resumed": resumed})
+    return got
+
+
+def check_dropout() -> dict:
+    """Which ranks drew equal masks, per layout (rank 0 compares what the four ranks drew)."""
+    out = {}
+    for sp in (False, True):
+        got = dropout_masks(sp)
+        by = {(g["tp_rank"], g["dp_rank"]): g for g in got}
+        assert set(by) == {(t, d) for t in (0, 1) for d in (0, 1)}, sorted(by)
+        out["sequence_parallel" if sp else "replicated"] = {
+            "tp_peers_equal": [torch.equal(by[0, d]["first"], by[1, d]["first"]) for d in (0, 1)],
+            "dp_ranks_equal": [torch.equal(by[t, 0]["first"], by[t, 1]["first"]) for t in (0, 1)],
+            "next_step_equal": any(torch.equal(g["first"], g["second"]) for g in got),
+            "resumed_equal": all(torch.equal(g["resumed"], g["second"]) for g in got),
+            "kept": sum(g["first"].float().mean().item() for g in got) / len(got),
+        }
+    return out
+
+
 def main() -> None:
+    dropout = check_dropout()
     specs = {}
     for arch in SPECS:
         ref = check_spec(arch, 1)
@@ -128,7 +189,7 @@ def main() -> None:
                 "worst_param": worst,
                 "num_params": len(ref_grads),
             }
-    print_result({"parity": results, "specs": specs})
+    print_result({"parity": results, "specs": specs, "dropout": dropout})
     destroy_parallel_context()
 
 
