@@ -140,3 +140,15 @@ def test_recompute_with_dropout_reproduces_gradients(ctx1):
     checkpoint(block, False, x).sum().backward()
     assert torch.equal(lin.weight.grad, g_ref)
     assert torch.equal(x.grad, x_ref)
+
+
+def test_dropout_seeds_differ_per_dp_rank_and_stage():
+    """The dropout rule's seeds (megaret/models/dropout.py): one per (DP rank, stage), and the
+    TP streams (+ 2718 + tp_rank) of one slot never meet another slot's default stream."""
+    from megaret.parallel.context import dropout_seed_offset
+
+    pp_size, tp_size = 4, 8
+    offsets = [dropout_seed_offset(d, p, pp_size) for d in range(16) for p in range(pp_size)]
+    assert len(set(offsets)) == len(offsets) and dropout_seed_offset(0, 0, pp_size) == 0
+    tp_streams = {o + 2718 + t for o in offsets for t in range(tp_size)}
+    assert len(tp_streams) == len(offsets) * tp_size and not tp_streams & set(offsets)
