@@ -56,3 +56,16 @@ def build_tiny(
         samples_per_shard=samples_per_shard,
         log=lambda *a: None,
     )
+
+
+def loader_config(manifest: Path, tmp_path: Path, vocab_size: int = 384):
+    """A one-layer RetNet config reading `manifest` (sequence 16, batch 2, no workers)."""
+    from megaret.config import Config
+
+    return Config.from_dict({
+        "model": {"vocab_size": vocab_size, "hidden_size": 32, "num_layers": 1, "num_heads": 2,
+                  "ffn_hidden_size": 64, "chunk_size": 8},
+        "data": {"paths": [str(manifest)], "seq_length": 16, "num_workers": 0,
+                 "cache_dir": str(tmp_path / "cache")},
+        "train": {"micro_batch_size": 2, "global_batch_size": 2},
+    })  # fmt: skip

@@ -18,7 +18,7 @@ import pytest
 from megaret.config import Config
 from megaret.data import build_loader, open_split
 from megaret.data.errors import DataError
-from tests.data_fixtures import build_tiny
+from tests.data_fixtures import build_tiny, loader_config
 
 FIX = ("shard names in a manifest must be plain file names inside its folder; "
        "rebuild the shards with data_tools/build_shards.py")
@@ -45,13 +45,7 @@ def _refused(manifest_loc, name, split="train"):
 
 
 def _cfg(manifest, tmp_path) -> Config:
-    return Config.from_dict({
-        "model": {"vocab_size": 384, "hidden_size": 32, "num_layers": 1, "num_heads": 2,
-                  "ffn_hidden_size": 64, "chunk_size": 8},
-        "data": {"paths": [str(manifest)], "seq_length": 16, "num_workers": 0,
-                 "cache_dir": str(tmp_path / "cache")},
-        "train": {"micro_batch_size": 2, "global_batch_size": 2},
-    })  # fmt: skip
+    return loader_config(manifest, tmp_path)
 
 
 BAD_NAMES = {

@@ -31,7 +31,7 @@ from megaret.data.shards import build_shards
 from megaret.errors import ERROR_PREFIX
 from megaret.faults import plan_env
 from tests.conftest import REPO
-from tests.data_fixtures import WORDS, build_tiny, write_corpus
+from tests.data_fixtures import WORDS, build_tiny, loader_config, write_corpus
 
 _spec = importlib.util.spec_from_file_location("build_shards_cli", REPO / "data_tools" / "build_shards.py")
 cli = importlib.util.module_from_spec(_spec)
@@ -316,13 +316,7 @@ def test_out_of_range_ids_refused_on_every_rank_at_tp2(tiny, tmp_path) -> None:
 
 
 def test_build_loader_checks_the_eval_split_from_the_manifest(no_valid, tmp_path) -> None:
-    cfg = Config.from_dict({
-        "model": {"vocab_size": 300, "hidden_size": 32, "num_layers": 1, "num_heads": 2,
-                  "ffn_hidden_size": 64, "chunk_size": 8},
-        "data": {"paths": [str(no_valid)], "seq_length": 16, "num_workers": 0,
-                 "cache_dir": str(tmp_path / "cache")},
-        "train": {"micro_batch_size": 2, "global_batch_size": 2},
-    })  # fmt: skip
+    cfg = loader_config(no_valid, tmp_path, vocab_size=300)
     with pytest.raises(DataError, match="has 0 validation samples"):
         build_loader(cfg, 0, 1, split="valid")
     m = json.loads(no_valid.read_text())
