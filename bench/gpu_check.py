@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import json
 import math
 import os
@@ -150,15 +151,24 @@ def run_stages(stages: list[str], path: Path, smoke: bool, budget: float) -> Non
             continue
         limit = min(LIMITS[stage], left)
         t0 = time.monotonic()
+        partial: dict[str, Any] = {}  # what a stage that supports it has measured so far
         try:
-            result = _with_alarm(limit, lambda stage=stage, limit=limit: STAGES[stage](smoke, limit))
+            result = _with_alarm(limit, lambda stage=stage, limit=limit, partial=partial: _call(
+                STAGES[stage], smoke, limit, partial))
         except StageTimeout:
-            result = {"status": "timeout", "limit_s": round(limit, 1)}
+            result = {**partial, "status": "timeout", "limit_s": round(limit, 1)}
         except Exception as exc:  # noqa: BLE001 - a failing stage is recorded; the next one runs
-            result = {"status": "fail", "error": one_line(exc)}
+            result = {**partial, "status": "fail", "error": one_line(exc)}
         result["seconds"] = round(time.monotonic() - t0, 2)
         record(path, stage, result, smoke)
         _release_gpu_memory()
+
+
+def _call(fn: Callable[..., dict], smoke: bool, limit: float, partial: dict[str, Any]) -> dict:
+    """A stage that takes `partial` fills it as it goes, so a timeout still records what it measured."""
+    if "partial" in inspect.signature(fn).parameters:
+        return fn(smoke, limit, partial=partial)
+    return fn(smoke, limit)
 
 
 def _with_alarm(seconds: float, fn: Callable[[], dict]) -> dict:

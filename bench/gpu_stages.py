@@ -128,7 +128,7 @@ class RetentionShape:
     chunk: int
 
 
-def stage_retention(smoke: bool, limit: float) -> dict:
+def stage_retention(smoke: bool, limit: float, partial: dict | None = None) -> dict:
     import torch
 
     from bench.device import Clock
@@ -141,15 +141,16 @@ def stage_retention(smoke: bool, limit: float) -> dict:
     if device.type != "cuda":
         fla, why, resets = None, "unavailable: fla's Triton kernels need CUDA", False
     heads = f"{shape.local} local of {shape.heads} (TP {shape.heads // shape.local})"
-    result: dict[str, Any] = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "fla": why,
-                              "heads": heads, "Dk": shape.dk, "Dv": shape.dv, "summary": {}}
+    result: dict[str, Any] = partial if partial is not None else {}  # filled as it goes (a timeout keeps it)
+    result.update({"device": str(device), "dtype": str(dtype).removeprefix("torch."), "fla": why,
+                   "heads": heads, "Dk": shape.dk, "Dv": shape.dv, "summary": {}})
     worst = 0.0
     for t in lengths:
         first = t == lengths[0]
-        row = _retention_row(t, max(1, tokens // t), shape, dtype, device, fla, Clock(device), grads=first,
-                             resets=resets and first, reps=(5, 2) if not smoke else (2, 1))
+        row = result[f"T{t}"] = {}
+        _retention_row(row, t, max(1, tokens // t), shape, dtype, device, fla, Clock(device), grads=first,
+                       resets=resets and first, reps=(5, 2) if not smoke else (2, 1))
         worst = max([worst, *(v for k, v in row.items() if "rel_err" in k)])
-        result[f"T{t}"] = row
         result["summary"].update({f"T{t}_{k}": v for k, v in row.items()})
     if fla is None:
         result["status"] = "unavailable"
@@ -161,9 +162,10 @@ def stage_retention(smoke: bool, limit: float) -> dict:
     return result
 
 
-def _retention_row(t: int, b: int, shape: RetentionShape, dtype, device, fla, clock, grads: bool,  # noqa: ANN001
-                   resets: bool, reps: tuple[int, int]) -> dict[str, Any]:
-    """One length: `fla` (megaret's contract: (q, k, v, log_decay, initial_state, reset=None) ->
+def _retention_row(row: dict[str, Any], t: int, b: int, shape: RetentionShape, dtype, device, fla,  # noqa: ANN001
+                   clock, grads: bool, resets: bool, reps: tuple[int, int]) -> None:  # noqa: ANN001
+    """Into `row` as each figure comes (a timeout keeps them), one length: `fla` (megaret's contract:
+    (q, k, v, log_decay, initial_state, reset=None) ->
     (o, final_state)) vs the torch chunk form for the decays of TP ranks 0 and 1 (outputs, final
     states; with `grads` the gradients, with `resets` document resets inside the samples), then both
     kernels' forward and forward+backward times (rank 1's decays)."""
@@ -179,7 +181,7 @@ def _retention_row(t: int, b: int, shape: RetentionShape, dtype, device, fla, cl
     q, k = (randn(b, t, shape.local, shape.dk, scale=shape.dk**-0.5) for _ in range(2))
     v, s0 = randn(b, t, shape.local, shape.dv), randn(b, shape.local, shape.dk, shape.dv, scale=0.1,
                                                       dt=torch.float32)
-    row: dict[str, Any] = {"B": b}
+    row["B"] = b
     log_decay = None
     for rank in (0, 1):  # TP rank `rank` holds global heads rank*local .. rank*local + local - 1
         log_decay = retnet_log_decay(shape.heads, rank * shape.local, shape.local).to(device)
@@ -209,6 +211,7 @@ def _retention_row(t: int, b: int, shape: RetentionShape, dtype, device, fla, cl
         ref = [x.grad.clone() for x in leaves]
         fwd_bwd(True)
         row.update({f"rel_err_d{n}": _rel(x.grad, r) for n, x, r in zip("qkv", leaves, ref, strict=True)})
+
     def torch_fwd() -> Any:
         return chunk_retention(q, k, v, log_decay, s0, chunk_size=shape.chunk)
 
@@ -220,7 +223,6 @@ def _retention_row(t: int, b: int, shape: RetentionShape, dtype, device, fla, cl
             row["fla_fwd_ms"] = _ms(clock, lambda: fla(q, k, v, log_decay, s0), *reps)
         row["fla_fwd_bwd_ms"] = _ms(clock, lambda: fwd_bwd(True), *reps)
         row["fla_speedup_fwd_bwd"] = round(row["torch_fwd_bwd_ms"] / row["fla_fwd_bwd_ms"], 2)
-    return row
 
 
 def fla_kernel() -> tuple[Any, str, bool]:
