@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--reps", type=int, default=7, help=f"timed steps per decoder (< {HEADROOM - 2})")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared machine)")
     ap.add_argument("--plot", default=str(OUT_DIR / "decoding.png"), help="PNG path, or 'none'")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="also time RetNet's step replayed from a CUDA graph (retnet_graph; CUDA only)")
     add_device_args(ap)
     args = ap.parse_args(argv)
     if args.quick:
@@ -170,12 +172,15 @@ def main(argv: list[str] | None = None) -> dict:
         return m.output(m.final_norm(x))[0].transpose(0, 1)  # (B, 1, V)
 
     states: dict = {}  # the decoders' current states (per batch size and length)
+    graphs: dict = {}  # RetNet's step captured as a CUDA graph from states["retnet"] (--cuda-graph)
 
     @torch.no_grad()
     def step(name: str, tok) -> torch.Tensor:
         """One decoding step of `name` from states[name]; the Transformer's state advances."""
         if name == "retnet":
             return models[name](tok, state=states[name], retention_mode="recurrent").logits
+        if name == "retnet_graph":  # its own copy of the state advances; the timing is the same
+            return graphs["retnet"](tok)
         if name == "transformer":
             out = models[name](tok, state=states[name])
             states[name] = out.state
@@ -204,6 +209,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     embed_row_bytes = torch.finfo(dtype).bits // 8  # per element of the B embedding rows read
     deciders = ["retnet", "transformer", "transformer_prealloc"]
+    if args.cuda_graph:
+        if device.type != "cuda":
+            ap.error("--cuda-graph needs --device cuda")
+        from megaret.infer.cuda_graph import GraphedStep
+
+        deciders.append("retnet_graph")
     tolerance = 1e-4 if dtype == torch.float32 else 3e-2  # the prealloc loop vs the model's forward
     rows, roof = [], {}
     for b in args.batches:
@@ -221,6 +232,12 @@ def main(argv: list[str] | None = None) -> dict:
             prealloc_err = ((a - p).abs().max() / a.abs().max()).item()
             if prealloc_err > tolerance:
                 raise AssertionError(f"the prealloc step disagrees with the model: {prealloc_err:.2e}")
+            if args.cuda_graph:
+                graphs["retnet"] = GraphedStep(models["retnet"], states["retnet"], "recurrent")
+                e, g1 = step("retnet", tok), step("retnet_graph", tok)  # the same state: the same logits
+                row_graph_err = ((g1 - e).abs().max() / e.abs().max()).item()
+                if row_graph_err > tolerance:
+                    raise AssertionError(f"the graphed RetNet step disagrees: {row_graph_err:.2e}")
             if length == max(args.lengths):  # the roofline parts, under the same load as the steps
                 roof[b] = {"gemm_ms": {n: gemms(n, b) for n in models}, "kv_bytes": sizes["transformer"],
                            "attention_ms": attention_ms(states["transformer"], b)}
@@ -233,6 +250,9 @@ def main(argv: list[str] | None = None) -> dict:
             if states["transformer"].layers[0].buffer.capacity != length + HEADROOM:
                 raise AssertionError("the Transformer's cache was reallocated while timing")
             row = {"batch": b, "length": length, "prealloc_logits_rel_err": prealloc_err}
+            if args.cuda_graph:
+                row["graph_logits_rel_err"] = row_graph_err
+                row["latency_ratio_graph"] = round(min(times["transformer"]) / min(times["retnet_graph"]), 3)
             read = {}
             for name in deciders:
                 row[f"{name}_ms"] = round(min(times[name]) * 1e3, 3)
@@ -255,8 +275,12 @@ def main(argv: list[str] | None = None) -> dict:
                   f"transformer {row['transformer_ms']:9.2f} ms "
                   f"(prealloc {row['transformer_prealloc_ms']:9.2f})"
                   f"  latency ratio {row['latency_ratio']:6.2f} ({row['latency_ratio_prealloc']:6.2f})"
-                  f"  bytes ratio {row['bytes_ratio']:6.2f}", file=sys.stderr, flush=True)
+                  f"  bytes ratio {row['bytes_ratio']:6.2f}"
+                  + (f"  | retnet graph {row['retnet_graph_ms']:8.2f} ms, transformer/graph "
+                     f"{row['latency_ratio_graph']:6.2f}" if args.cuda_graph else ""),
+                  file=sys.stderr, flush=True)
             states.clear()
+            graphs.clear()
 
     lo, hi = min(args.lengths), max(args.lengths)
     pairs: dict = {}
@@ -270,6 +294,10 @@ def main(argv: list[str] | None = None) -> dict:
         pairs[f"b{b}_latency_ratio_prealloc_at_{hi}"] = r_hi["latency_ratio_prealloc"]
         pairs[f"b{b}_latency_over_bytes"] = r_hi["latency_over_bytes"]
         pairs[f"b{b}_latency_over_bytes_prealloc"] = r_hi["latency_over_bytes_prealloc"]
+        if args.cuda_graph:
+            pairs[f"b{b}_graph_ms_at_{hi}"] = r_hi["retnet_graph_ms"]
+            pairs[f"b{b}_latency_ratio_graph_at_{hi}"] = r_hi["latency_ratio_graph"]
+            pairs[f"b{b}_graph_speedup_at_{hi}"] = round(r_hi["retnet_ms"] / r_hi["retnet_graph_ms"], 3)
     b1 = min(args.batches)
     for b, r in roof.items():
         g, att = r["gemm_ms"], r["attention_ms"]

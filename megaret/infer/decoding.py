@@ -34,6 +34,7 @@ import psutil
 import torch
 from torch import nn
 
+from megaret.infer.cuda_graph import GraphedStep, graph_refusal
 from megaret.infer.loading import InferenceError
 from megaret.models.attention_layer import SelfAttention
 from megaret.models.spec import arch_spec
@@ -107,10 +108,14 @@ class Decoder:
     block) and the tokens after it that do not fill a block yet (re-run, padded, at each step).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, cuda_graph: bool = False) -> None:
         spec = arch_spec(model.cfg.arch)
         self.model = model
         self.state: Any = None
+        self.cuda_graph = cuda_graph  # replay one-token steps from a CUDA graph where the arch allows
+        self.graph_note = "off"  # on, or off (why) once a capture was tried
+        self._graphed: GraphedStep | None = None
+        self._graph_tried = False
         self.block = spec.call_multiple(model.cfg)
         self.forms = (spec.prefill_form, spec.step_form)
         self.unbounded = spec.carried_span(model.cfg) is None  # a cache growing with the context
@@ -144,7 +149,29 @@ class Decoder:
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """token (B,) -> the logits after it."""
+        if self.cuda_graph and not self._graph_tried:
+            self._graph_tried = True
+            self._capture()
+        if self._graphed is not None:
+            return self._last_logits(self._graphed(token))
         return self._feed(token[:, None], self.forms[1])
+
+    def _capture(self) -> None:
+        """Capture the one-token step as a CUDA graph, or note why not (the eager step goes on)."""
+        device = next(self.model.parameters()).device
+        why = graph_refusal(self.model, self.state, device)
+        if why is None and self.pending is not None:
+            why = "tokens pending a block"
+        if why is None:
+            try:
+                self._graphed = GraphedStep(self.model, self.state, self.forms[1])
+            except RuntimeError as exc:  # something in the step reads the host: keep the eager step
+                why = f"capture failed: {str(exc).splitlines()[0][:200]}"
+        self.graph_note = "on" if why is None else f"off ({why})"
+
+    def carried_state(self) -> Any:
+        """The state after the last call (from the graph's buffers when steps replay a graph)."""
+        return self._graphed.state if self._graphed is not None else self.state
 
     def cache_bytes(self, batch: int, tokens: int) -> int:
         """Bytes of the keys and values a cache that keeps every key holds for `tokens` tokens of
@@ -183,9 +210,10 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:,.2f} GiB"
 
 
-def make_decoder(model: nn.Module) -> Decoder:
-    """The exact, state-carrying decoder for model.cfg.arch."""
-    return Decoder(model)
+def make_decoder(model: nn.Module, cuda_graph: bool = False) -> Decoder:
+    """The exact, state-carrying decoder for model.cfg.arch (one-token steps replayed from a CUDA
+    graph with `cuda_graph`, where the device and the arch allow; `decoder.graph_note` says)."""
+    return Decoder(model, cuda_graph)
 
 
 @torch.no_grad()
@@ -201,12 +229,14 @@ def generate(
     stream: Callable[[torch.Tensor], None] | None = None,
     eos_id: int | None = None,
     vocab_size: int | None = None,
+    cuda_graph: bool = False,
 ) -> torch.Tensor:
     """prompt_ids: (B, T0) with T0 >= 1 -> (B, T0 + n) ids, n <= max_new_tokens.
 
     stream(ids (B,)) is called with each new token as soon as it is chosen. With eos_id set,
     a sample that produced it keeps producing it, and generation stops once all samples have.
     vocab_size: sample only ids below it (a tokenizer smaller than the model's vocabulary).
+    cuda_graph: replay the one-token steps from a CUDA graph (RetNet on CUDA; elsewhere ignored).
     The model is put in eval mode (no dropout) for the call and restored afterwards.
     Raises InferenceError for sampling arguments out of range or a KV cache (causal Transformer)
     that prompt + max_new_tokens would grow beyond the device's free memory, before decoding.
@@ -221,7 +251,7 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        decoder = make_decoder(model)
+        decoder = make_decoder(model, cuda_graph)
         decoder.check_room(prompt_ids.shape[0], prompt_ids.shape[1], max_new_tokens)
         ids = prompt_ids.to(device)
         logits = decoder.prefill(ids)

@@ -20,10 +20,11 @@ class Rotary(nn.Module):
         inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # (D/2,)
 
-    def forward(self, x: torch.Tensor, position: int = 0) -> torch.Tensor:
-        """x: (B, T, H, D) -> the same shape, rotated."""
+    def forward(self, x: torch.Tensor, position: int | torch.Tensor = 0) -> torch.Tensor:
+        """x: (B, T, H, D) -> the same shape, rotated. `position` may be a 0-d integer tensor on
+        x's device (a decoding step replayed from a CUDA graph reads it there)."""
         t = x.shape[1]
-        pos = torch.arange(position, position + t, dtype=torch.float64, device=x.device)
+        pos = torch.arange(t, dtype=torch.float64, device=x.device) + position  # (T,)
         angles = pos[:, None] * self.inv_freq.to(x.device)[None, :]  # (T, D/2)
         cos = angles.cos().to(x.dtype)[None, :, None, :]  # (1, T, 1, D/2)
         sin = angles.sin().to(x.dtype)[None, :, None, :]

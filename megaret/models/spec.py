@@ -166,6 +166,9 @@ class ArchSpec:
     call_multiple: Callable[[ModelConfig], int] = lambda m: 1  # calls must hold a multiple of this
     prefill_form: str | None = None  # retention_mode of prompt / evaluation calls
     step_form: str | None = None  # retention_mode of one-token decoding calls
+    # the carried state keeps its shapes from one decoding step to the next, so a step can be
+    # captured once as a CUDA graph and replayed (megaret/infer/cuda_graph.py)
+    fixed_step_state: bool = False
     refusals: tuple[Refusal, ...] = ()
     # the model.* fields that define the trained function (its weights' shapes and meaning): a
     # checkpoint records them and resuming with another value is refused (megaret.checkpoint.identity);
@@ -281,6 +284,7 @@ SPECS: dict[str, ArchSpec] = {
         carried_span=lambda m: 0,  # a fixed-size state summarises the whole history
         prefill_form="chunk",
         step_form="recurrent",
+        fixed_step_state=True,
         refusals=(Refusal(_chunk_aligned, ("data.seq_length=100", "model.chunk_size=16")),),
         identity_fields=(*_SHAPE, "value_factor", "decay_schedule"),
     ),
