@@ -94,6 +94,7 @@ def _generate(args: argparse.Namespace) -> list[int]:
         model, torch.tensor([ids], device=ctx.device), args.max_new_tokens, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, greedy=args.greedy, seed=args.seed, stream=stream,
         vocab_size=tok.vocab_size,
+        cuda_graph=ctx.tp.size == 1,  # one-GPU RetNet steps replay a CUDA graph (NCCL capture not tried)
     )  # fmt: skip
     stream.flush()
     dt = time.perf_counter() - t0
