@@ -40,7 +40,7 @@ class Progress:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, desc=desc, unit=unit, file=self.stream, leave=False,
-                            dynamic_ncols=True, unit_scale=True)
+                            dynamic_ncols=True)
         self.closed = False
 
     def update(self, n: int = 1) -> None:

@@ -45,7 +45,7 @@ def flat_hparams(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def config_text(config: dict[str, Any]) -> str:
     """The config as YAML, indented four spaces: a code block in TensorBoard's markdown."""
-    body = yaml.safe_dump(config, sort_keys=False, default_flow_style=None)
+    body = yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
     return "\n".join("    " + line for line in body.splitlines())
 
 
