@@ -135,8 +135,9 @@ def end_summary(cfg: Config, first_step: int, step: int, seconds: float, last_li
                 last_eval: float | None, checkpoint: Path | None) -> str:
     """What this run trained (steps first_step..step), its last losses, the last checkpoint, next commands."""
     tps = tokens_per_step(cfg)
-    trained = step - first_step + 1
-    lines = [f"done: steps {first_step}-{step} of {cfg.train.steps} in {duration(seconds)} "
+    trained = max(step - first_step + 1, 0)
+    steps = f"steps {first_step}-{step}" if trained else "no step (already there)"
+    lines = [f"done: {steps} of {cfg.train.steps} in {duration(seconds)} "
              f"({trained * tps:,} tokens this run, {step * tps:,} in all)"]
     if last_line:
         lines[0] += f" | loss {last_line['loss']:.4f} (mean of the last {int(last_line['steps'])} step(s))"
