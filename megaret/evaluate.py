@@ -10,7 +10,9 @@
 Documents of the split (default valid) are reassembled from the shards (--data, default the
 configured data.paths or the embedded default corpus), truncated to --context tokens and
 streamed --chunk tokens (the evaluation window) at a time; memory stays flat in the document
-length (except the causal Transformer's KV cache). Prints a loss table by position bucket, then one JSON line.
+length (except the causal Transformer's KV cache). Prints a loss table by position bucket, then one JSON line
+(stdout); the documents scored so far show as a progress bar on stderr (a terminal; one final line
+in logs and CI: megaret/progress.py). Third-party log chatter (DeepSpeed's) stays off the console.
 --context and --chunk must be positive; a run that scores no token (e.g. no document of the
 split longer than --min-doc-tokens) exits 1 with one line saying why.
 """
@@ -28,6 +30,8 @@ from megaret.entry import run_entry
 from megaret.infer.loading import InferenceError, add_model_args, load_model
 from megaret.infer.perplexity import check_window, evaluate_documents, iter_documents
 from megaret.parallel.context import destroy_parallel_context
+from megaret.progress import Progress
+from megaret.train.chatter import quiet_third_party
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -43,7 +47,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="skip documents of at most this many tokens (--context: full-length only)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    return run_entry(lambda: _evaluate(args), destroy_parallel_context)
+    with quiet_third_party():
+        return run_entry(lambda: _evaluate(args), destroy_parallel_context)
 
 
 def _evaluate(args: argparse.Namespace) -> dict:
@@ -57,6 +62,9 @@ def _evaluate(args: argparse.Namespace) -> dict:
     check_vocab(shards, cfg.model.vocab_size)  # ids the model has no row for: refused, not masked
     shortest = max(args.min_doc_tokens, 1)  # a document of n tokens scores n - 1
     seen = 0
+    in_split = shards.manifest["splits"].get(args.split, {}).get("documents")
+    total = min(n for n in (in_split, args.max_docs) if n is not None) if in_split or args.max_docs else None
+    progress = Progress(f"evaluating {args.split}", total=total, unit="doc")
 
     def long_enough():
         nonlocal seen
@@ -65,9 +73,16 @@ def _evaluate(args: argparse.Namespace) -> dict:
             if len(doc) > shortest:
                 yield doc
 
-    docs = itertools.islice(long_enough(), args.max_docs)  # --max-docs counts scored documents
+    def counted(docs):
+        for doc in docs:
+            yield doc
+            progress.update()  # scored: the next one is asked for
+
+    docs = counted(itertools.islice(long_enough(), args.max_docs))  # --max-docs counts scored documents
     window = cfg.data.seq_length if args.chunk is None else args.chunk  # the evaluation window
-    result = evaluate_documents(model, docs, args.context, window, device=ctx.device)
+    with progress:
+        result = evaluate_documents(model, docs, args.context, window, device=ctx.device)
+        progress.close(f"{result.documents:,} documents, {result.tokens:,} tokens scored")
     if not result.tokens:
         where = f"split {args.split!r} of {data}"
         why = (f"{where} holds no documents" if not seen else

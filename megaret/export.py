@@ -28,6 +28,7 @@ from megaret.checkpoint.files import CheckpointError
 from megaret.entry import run_entry
 from megaret.errors import UserError
 from megaret.models.spec import arch_spec
+from megaret.train.chatter import quiet_third_party
 
 
 class ExportError(UserError, ValueError):
@@ -74,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="a checkpoint, checkpoints/ or run directory")
     parser.add_argument("--out", required=True, help="the .pt file to write")
     args = parser.parse_args(argv)
-    path = run_entry(lambda: export(args.checkpoint, args.out))
+    with quiet_third_party():  # DeepSpeed's import-time warning would land on stdout
+        path = run_entry(lambda: export(args.checkpoint, args.out))
     meta = json.loads(Path(f"{path}.json").read_text(encoding="utf-8"))
     print(f"wrote {path}: {meta['parameters']} parameters (fp32, model.arch={meta['arch']}, "
           f"step {meta['step']})")

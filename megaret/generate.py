@@ -12,7 +12,8 @@ checkpoint's manifest (laid out for one process), so --config is not needed (key
 overrides still apply). The tokenizer is
 --tokenizer, else data.tokenizer, else the tokenizer.json saved with the configured shards
 (the embedded default corpus's, built on first use). The text goes to stdout; a summary
-line (tokens, tokens/s) goes to stderr, and a warning line when the tokenizer is not the one
+line (tokens, tokens/s) goes to stderr (third-party log chatter is dropped, its errors go to
+stderr), and a warning line when the tokenizer is not the one
 the checkpoint was trained with (its identity record's sha256). Arguments out of range, and a
 causal Transformer's KV cache for prompt + --max-new-tokens beyond the free memory, are refused
 in one line (exit 2).
@@ -37,6 +38,7 @@ from megaret.infer.loading import (
     tokenizer_warning,
 )
 from megaret.parallel.context import destroy_parallel_context
+from megaret.train.chatter import quiet_third_party
 
 
 class TextStream:
@@ -74,7 +76,8 @@ def main(argv: list[str] | None = None) -> list[int]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.num_layers=4")
     args = parser.parse_args(argv)
-    return run_entry(lambda: _generate(args), destroy_parallel_context)
+    with quiet_third_party():  # stdout is the text alone (DeepSpeed warns there at import)
+        return run_entry(lambda: _generate(args), destroy_parallel_context)
 
 
 def _generate(args: argparse.Namespace) -> list[int]:

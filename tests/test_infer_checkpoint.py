@@ -86,6 +86,9 @@ print("RESULT", json.dumps(res))
     res = json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])
     assert res["ckpt"] == res["export"]
     assert len(res["ckpt"]["ids"]) > 10 and res["ckpt"]["tokens"] > 0
+    # DeepSpeed (imported to read the checkpoint) warns on stdout at import: kept off the console
+    assert "Setting accelerator" not in proc.stdout + proc.stderr, proc.stdout[:2000]
+    assert proc.stderr.count("evaluating valid: 2 documents, ") == 2, proc.stderr[-2000:]  # progress, no TTY
 
 
 def test_checkpoint_errors_are_reported(tmp_path):

@@ -3,12 +3,14 @@ the trainer says when it is misused (one `megaret: error:` line per rank, the ta
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -28,9 +30,22 @@ def test_train_on_default_corpus_shards_loss_falls_and_run_dir_is_complete(tmp_p
     losses = [float(v) for v in re.findall(r"loss (\d+\.\d+)", proc.stdout)]
     assert len(losses) >= 8, proc.stdout
     assert sum(losses[-3:]) / 3 < losses[0] - 0.5, proc.stdout  # from ~log(512)=6.2, clearly down
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert saved["train"]["steps"] == 80 and saved["data"]["source"] == "shards"
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert resolved["train"]["steps"] == 80 and resolved["data"]["source"] == "shards"
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    # the banner names the data with its token counts, each checkpoint gets a line, the end a summary
+    out = proc.stdout
+    manifest = re.search(r"^data: (\S+manifest\.json): train ([\d,]+) tokens in [\d,]+ documents, valid "
+                         r"([\d,]+) tokens; train.steps reads 20,480 tokens = [\d.]+ epochs$", out, re.M)
+    assert manifest, out[:3000]
+    splits = json.loads(Path(manifest[1]).read_text())["splits"]
+    assert int(manifest[2].replace(",", "")) == splits["train"]["tokens"] > 0
+    assert int(manifest[3].replace(",", "")) == splits["valid"]["tokens"] > 0
+    assert f"run.dir: {run_dir} (" in out and "start: fresh, step 0 of 80" in out
+    saved = re.findall(r"^checkpoint saved: step (\d+) -> ", out, re.M)
+    assert saved == [str(s) for s in range(10, 81, 10)], out[-3000:]
+    assert re.search(r"^done: steps 1-80 of 80 in .*\| eval loss \d\.\d{4}$", out, re.M), out[-3000:]
+    assert f"python -m megaret.generate --checkpoint {run_dir} " in out.split("next:")[-1]
     # other libraries' chatter is in the run's log, not on the console
     assert "Setting accelerator to CPU" not in proc.stdout + proc.stderr, proc.stdout[:2000]
     assert "Setting accelerator to CPU" in (run_dir / "logs" / "third_party-rank0.log").read_text()

