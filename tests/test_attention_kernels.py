@@ -43,7 +43,7 @@ def qkv(b: int, h: int, t: int, d: int, seed: int = 0, dtype=torch.float64) -> l
 
 
 class SDPAMasks(TorchFunctionMode):
-    """Records the attn_mask of every scaled_dot_product_attention call (the calls themselves run as usual)."""
+    """Records the attn_mask of every scaled_dot_product_attention call (each call runs as usual)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -88,8 +88,8 @@ def test_folded_blocks_equal_the_masked_window(w, t, prev):
     if t % w == 0:
         before = masked_blockwise_window_attention(*seg, w, *cached)
     else:
-        cache_valid = None if cached[0] is None else cached[2][:, None].expand(b, w)
-        before = cached_attention(*seg, w if cached[0] is not None else 0, w, cached[0], cached[1], cache_valid)
+        at, cache_valid = (0, None) if cached[0] is None else (w, cached[2][:, None].expand(b, w))
+        before = cached_attention(*seg, at, w, cached[0], cached[1], cache_valid)
     assert rel(out, before) < 1e-12
     weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
     grads = torch.autograd.grad((out * weight).sum(), (q, k, v))
@@ -115,7 +115,8 @@ def test_training_forward_gives_sdpa_no_mask_tensor(ctx1, name):
     with spy:
         first = model(x[:, :32], x[:, :32])
         if model.carries_state:  # the causal Transformer's cache is for decoding
-            second = model(x[:, 32:64], x[:, 32:64], state=first.state.detach(), restart=torch.tensor([False, True]))
+            restart = torch.tensor([False, True])
+            second = model(x[:, 32:64], x[:, 32:64], state=first.state.detach(), restart=restart)
             (first.loss.sum() + second.loss.sum()).backward()
         else:
             first.loss.sum().backward()
