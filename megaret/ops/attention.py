@@ -20,9 +20,12 @@ megaret.ops.attention_backend picks: FlexAttention on CUDA, SDPA with a boolean 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
+from torch.nn.attention.bias import CausalBias, causal_lower_right
+from torch.utils._python_dispatch import _disable_current_modes
 
 from megaret.ops import attention_flex
 from megaret.ops.attention_backend import masked_kernel
@@ -133,6 +136,15 @@ def key_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_
     return F.scaled_dot_product_attention(q, k, v, attn_mask=key_visible[:, None, None, :], scale=scale)
 
 
+@functools.lru_cache(maxsize=64)
+def lower_right(q_len: int, k_len: int) -> CausalBias:
+    """`causal_lower_right(q_len, k_len)`: query i sees keys 0 .. i + k_len - q_len. Made once per
+    shape, outside any dispatch mode (a CausalBias, a tensor subclass, cannot be created inside one,
+    e.g. under torch's FlopCounterMode)."""
+    with _disable_current_modes():
+        return causal_lower_right(q_len, k_len)
+
+
 def blockwise_window_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
     prev_k: torch.Tensor | None = None, prev_v: torch.Tensor | None = None,
@@ -156,13 +168,13 @@ def blockwise_window_attention(
     if n > 1:
         qb = q[:, :, w:n * w].unflatten(2, (n - 1, w)).flatten(1, 2)  # (B, H (n-1), W, D)
         kb, vb = _block_pairs(k, n, w), _block_pairs(v, n, w)  # (B, H (n-1), 2W, D)
-        o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=causal_lower_right(w, 2 * w), scale=scale)
+        o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=lower_right(w, 2 * w), scale=scale)
         outs.append(o.unflatten(1, (h, n - 1)).flatten(2, 3))  # (B, H, (n-1) W, D)
     r = t - n * w
     if r and n:  # the partial last block over [the last whole block; itself]: the last W + r keys
         tail = slice((n - 1) * w, t)
         outs.append(F.scaled_dot_product_attention(q[:, :, n * w:], k[:, :, tail], v[:, :, tail],
-                                                   attn_mask=causal_lower_right(r, w + r), scale=scale))
+                                                   attn_mask=lower_right(r, w + r), scale=scale))
     return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
 
 
@@ -182,8 +194,8 @@ def _first_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prev_k: torc
     if prev_k is None or valid == 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     keys, values = torch.cat([prev_k, k], dim=2), torch.cat([prev_v, v], dim=2)  # (B, H, W + F, D)
-    lower_right = causal_lower_right(f, keys.shape[2])
-    with_prev = F.scaled_dot_product_attention(q, keys, values, attn_mask=lower_right, scale=scale)
+    with_prev = F.scaled_dot_product_attention(q, keys, values, attn_mask=lower_right(f, keys.shape[2]),
+                                               scale=scale)
     if valid == q.shape[0]:
         return with_prev
     alone = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
