@@ -18,7 +18,7 @@ from torch.nn.attention.bias import CausalBias
 from torch.overrides import TorchFunctionMode
 
 from megaret.config import load_config
-from megaret.models.spec import build_model
+from megaret.models.spec import SPECS, build_model
 from megaret.ops import attention_backend
 from megaret.ops.attention import (
     attend_to_cache,
@@ -98,18 +98,22 @@ def test_folded_blocks_equal_the_masked_window(w, t, prev):
         assert rel(g, r) < 1e-12
 
 
-def tiny(name: str, ctx, *overrides: str, dtype=torch.float32):
-    cfg = load_config(f"configs/{name}.yaml", ["model.dropout=0.0", *overrides])
+ATTENTION_ARCHS = [name for name, spec in SPECS.items() if spec.attention]
+
+
+def tiny(arch: str, ctx, *overrides: str, dtype=torch.float32):
+    cfg = load_config(f"configs/{arch}-tiny.yaml", ["model.dropout=0.0", *overrides])
     torch.manual_seed(0)
     model = build_model(cfg.model, megatron_config(cfg.model, cfg.parallel, params_dtype=dtype), ctx.tp)
     return cfg, model.to(dtype)
 
 
-@pytest.mark.parametrize("name", ["transformer-tiny", "sliding-tiny", "brt-tiny"])
-def test_training_forward_gives_sdpa_no_mask_tensor(ctx1, name):
+@pytest.mark.parametrize("arch", ATTENTION_ARCHS)
+def test_training_forward_gives_sdpa_no_mask_tensor(ctx1, arch):
     """Segments with a carried (partly reset) cache, forward and backward: every SDPA call is
-    mask-free or causal_lower_right, so none needs SDPA's math kernel."""
-    cfg, model = tiny(name, ctx1)
+    mask-free or causal_lower_right (the archs whose spec names block windows), so none needs
+    SDPA's math kernel."""
+    cfg, model = tiny(arch, ctx1)
     x = torch.randint(cfg.model.vocab_size, (2, 72), generator=torch.Generator().manual_seed(2))
     spy = SDPAMasks()
     with spy:
@@ -122,6 +126,8 @@ def test_training_forward_gives_sdpa_no_mask_tensor(ctx1, name):
             first.loss.sum().backward()
     assert spy.masks and all(m is None or isinstance(m, CausalBias) for m in spy.masks), \
         {type(m).__name__ for m in spy.masks}
+    windowed = "block_window" in SPECS[arch].attention
+    assert any(isinstance(m, CausalBias) for m in spy.masks) == windowed
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,11 +186,11 @@ def test_flex_key_mask_equals_boolean_masks():
     assert rel(out, ref) < 1e-5
 
 
-@pytest.mark.parametrize("name", ["transformer-tiny", "sliding-tiny", "brt-tiny"])
-def test_packed_documents_on_flex_equal_boolean_masks(ctx1, name):
+@pytest.mark.parametrize("arch", ATTENTION_ARCHS)
+def test_packed_documents_on_flex_equal_boolean_masks(ctx1, arch):
     """Each arch's layers with document starts (mid-block, at a segment start and at a block
     boundary): the FlexAttention path equals the boolean-mask one."""
-    cfg, model = tiny(name, ctx1)
+    cfg, model = tiny(arch, ctx1)
     x = torch.randint(cfg.model.vocab_size, (2, 64), generator=torch.Generator().manual_seed(5))
     doc_start = torch.zeros(2, 64, dtype=torch.bool)
     doc_start[0, [0, 5, 50]] = True  # 5 .. 49 spans more than the window
