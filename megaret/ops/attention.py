@@ -157,7 +157,7 @@ def blockwise_window_attention(
     sample's previous block must be ignored. Blocks 1 .. n-1 are folded into the head dimension
     and attend to [previous block; itself] under `causal_lower_right(W, 2W)` in one SDPA call;
     the first block (over the cached block, or alone) and a partial last block take one call
-    each. O(T * 2W) instead of O(T^2), and every call is one SDPA's flash kernel accepts.
+    each. O(T * 2W) instead of O(T^2), and SDPA's flash kernel accepts every call.
     """
     b, h, t, d = q.shape
     w = window
