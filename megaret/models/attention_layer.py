@@ -26,8 +26,10 @@ from megaret.ops.attention import (
     blockwise_window_attention,
     cached_attention,
     key_documents,
+    masked_blockwise_window_attention,
     trim_cache,
 )
+from megaret.ops.attention_backend import masked_kernel
 from megaret.parallel.context import TensorParallel
 
 GROWTH = 1.5  # capacity multiplier on reallocation: O(log N) copies for N appended tokens
@@ -249,13 +251,15 @@ def windowed_self_attention(
     q, k, v: (B, H, T, D), rotated; returns ((B, H, T, D), the cache for the next call).
     Without a window (full causal attention) the new keys/values are appended to the cache
     in place (a preallocated, geometrically growing KVBuffer) and the queries attend to the
-    cache's L + T keys without another copy. With a window, a block-aligned call with a full
-    previous block (training) batches every block in one SDPA; anything else (decoding,
-    unaligned lengths) takes the general masked path, and the cache is trimmed.
+    cache's L + T keys without another copy. With a window, a call starting on a block boundary
+    with a full previous block or none (training, prompts) folds its blocks into one SDPA call
+    without a mask tensor; anything else (decoding inside a block) takes the general masked
+    path, and the cache is trimmed.
 
     doc: (B, T) long document ids of the new tokens (non-decreasing; 0 continues the cache's
-    document) or None. A query sees only keys of its own document, and the returned cache
-    keeps only the last document's keys valid (the next call continues that document).
+    document) or None. A query sees only keys of its own document (FlexAttention on CUDA; on
+    other devices boolean SDPA masks, block by block where the call is block-aligned), and the
+    returned cache keeps only the last document's keys valid (the next call continues that document).
     """
     if window is None and cache is not None and (cache.length or cache.buffer is not None) and doc is None:
         # (with document ids the general path below masks across documents)
@@ -264,13 +268,15 @@ def windowed_self_attention(
         return attend_to_cache(q, cache.k, cache.v, position, None, key_valid, scale), cache
     b, _, t, _ = q.shape
     cache_len = 0 if cache is None else cache.k.shape[2]
-    aligned = window is not None and position % window == 0 and t % window == 0
-    # the batched path masks a sample's previous block as a whole: its validity must be uniform
-    uniform = cache_len == 0 or bool((cache.valid.all(1) | ~cache.valid.any(1)).all())
-    if aligned and cache_len in (0, window) and uniform:
-        prev = (cache.k, cache.v, cache.valid.all(dim=1)) if cache_len else (None, None, None)
-        o = blockwise_window_attention(q, k, v, window, *prev, scale=scale, doc=doc)
-    else:
+    # the block paths mask a sample's previous block as a whole: its validity must be uniform
+    blocks = (window is not None and position % window == 0 and cache_len in (0, window)
+              and (cache_len == 0 or bool((cache.valid.all(1) | ~cache.valid.any(1)).all())))
+    prev = (cache.k, cache.v, cache.valid.all(dim=1)) if cache_len else (None, None, None)
+    if blocks and doc is None:
+        o = blockwise_window_attention(q, k, v, window, *prev, scale=scale)
+    elif blocks and t % window == 0 and masked_kernel(q.device) == "sdpa":
+        o = masked_blockwise_window_attention(q, k, v, window, *prev, scale=scale, doc=doc)
+    else:  # document masks on FlexAttention (CUDA) or one boolean mask; decoding inside a block
         o = cached_attention(q, k, v, position, window, *(
             (cache.k, cache.v, cache.valid) if cache_len else (None, None, None)), scale=scale, doc=doc)
     valid = torch.ones(b, t, dtype=torch.bool, device=q.device)

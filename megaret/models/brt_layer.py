@@ -37,6 +37,7 @@ from megaret.models.ffn import FeedForward
 from megaret.models.norms import build_norm
 from megaret.models.parallel_linear import column, row
 from megaret.models.state import tensor_bytes, to_device
+from megaret.ops.attention import key_masked_attention
 from megaret.parallel.context import TensorParallel
 
 
@@ -236,7 +237,6 @@ class RecurrentBlock(nn.Module):
             blk = slice(i * w, (i + 1) * w)
             heads = self._state_heads(c)  # sq, sqc, sk, sv: (B, H, S, D)
             read = F.scaled_dot_product_attention(qc[:, :, blk], heads[2], heads[3], scale=1.0)
-            block_mask = None
             if doc is not None:  # documents starting inside this block
                 d = doc[:, blk]  # (B, W)
                 fresh = d > (doc[:, i * w - 1:i * w] if i else torch.zeros_like(d[:, :1]))  # (B, W)
@@ -247,12 +247,14 @@ class RecurrentBlock(nn.Module):
                 c = torch.where(restart[None, :, None], self.initial(b), c)
                 heads = tuple(torch.where(restart[:, None, None, None], f, h)
                               for f, h in zip(fresh_heads, heads, strict=True))
-                block_mask = (d == d[:, -1:])[:, None, None, :]  # (B, 1, 1, W): the last document
+                last_doc = d == d[:, -1:]  # (B, W): the states read only the block's last document
             o_cross.append(read)
             sq, sqc, sk, sv = heads
             s_self = F.scaled_dot_product_attention(sq, sk, sv, scale=1.0)  # (B, H, S, D)
-            s_cross = F.scaled_dot_product_attention(sqc, k[:, :, blk], v[:, :, blk], attn_mask=block_mask,
-                                                     scale=1.0)
+            if doc is None:
+                s_cross = F.scaled_dot_product_attention(sqc, k[:, :, blk], v[:, :, blk], scale=1.0)
+            else:  # (FlexAttention on CUDA: megaret.ops.attention_backend)
+                s_cross = key_masked_attention(sqc, k[:, :, blk], v[:, :, blk], last_doc, scale=1.0)
             c = self.state_gate(c, a.merge(torch.cat([s_self, s_cross], dim=-1)))  # (S, B, d)
             if not self.state_skip:
                 c = self._state_mlp(c)

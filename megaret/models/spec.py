@@ -170,6 +170,11 @@ class ArchSpec:
     # captured once as a CUDA graph and replayed (megaret/infer/cuda_graph.py)
     fixed_step_state: bool = False
     refusals: tuple[Refusal, ...] = ()
+    # the attention forms its layers run (README "Attention kernels"; the kernels are
+    # megaret.ops.attention_backend's choice): "causal" (SDPA is_causal), "block_window" (blocks
+    # folded into SDPA's batch under causal_lower_right), "brt_state" (BRT's state <-> token
+    # attention); each with document masks on FlexAttention on CUDA
+    attention: tuple[str, ...] = ()
     # the model.* fields that define the trained function (its weights' shapes and meaning): a
     # checkpoint records them and resuming with another value is refused (megaret.checkpoint.identity);
     # the others (chunk_size, retention_mode, dropout, init_std, ...) are how it is computed or trained
@@ -293,6 +298,7 @@ SPECS: dict[str, ArchSpec] = {
         model_class="megaret.models.transformer:Transformer",
         layers=lambda m, t: [attention_layer(m, t, None)] * m.num_layers,
         refusals=(Refusal(_causal_segments, ("data.packing=segments",)),),
+        attention=("causal",),
         identity_fields=_SHAPE,
     ),
     "sliding": ArchSpec(
@@ -302,6 +308,7 @@ SPECS: dict[str, ArchSpec] = {
         build_kwargs=lambda m: {"window": m.block_size},
         carried_span=lambda m: m.block_size,
         refusals=(_BLOCK_ALIGNED,),
+        attention=("block_window",),
         identity_fields=(*_SHAPE, "block_size"),
     ),
     "brt": ArchSpec(
@@ -311,10 +318,13 @@ SPECS: dict[str, ArchSpec] = {
         carried_span=lambda m: m.block_size,  # plus the S recurrent states, which summarise the rest
         call_multiple=lambda m: m.block_size,
         refusals=(Refusal(_recurrent_layers, ("model.recurrent_layers=[0,-3]",)), _BLOCK_ALIGNED),
+        attention=("block_window", "brt_state"),
         identity_fields=(*_SHAPE, "block_size", "num_states", "recurrent_layers", "gate_type", "state_skip"),
     ),
 }
 assert set(SPECS) == set(ARCHS), "every arch of the config schema has a spec"
+ATTENTION_FORMS = ("causal", "block_window", "brt_state")
+assert all(set(s.attention) <= set(ATTENTION_FORMS) for s in SPECS.values()), "known attention forms"
 
 
 def arch_spec(arch: str) -> ArchSpec:

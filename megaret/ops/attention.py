@@ -1,4 +1,4 @@
-"""Causal and block-windowed attention: masks, a naive reference and SDPA paths.
+"""Causal and block-windowed attention: masks, a naive reference and SDPA / FlexAttention paths.
 
 Layout: q, k, v are (B, H, T, D), as `scaled_dot_product_attention` wants them.
 
@@ -9,16 +9,26 @@ query at absolute position p sees key position s when
 
 i.e. the whole previous block and the causal part of its own block (W to 2W - 1 keys).
 Aligning the window to blocks is what lets a segment be processed block by block with only
-the previous block cached, and lets training batch every block into one SDPA call.
+the previous block cached, and lets training fold every block into the batch of one SDPA call
+whose mask is `causal_lower_right` (no tensor mask: SDPA's flash kernel takes it).
 
 Keys carried from an earlier call arrive as a cache with a per-sample validity mask, so a
 batch slot that starts a new document can drop its history without touching the others.
+Masks that need a tensor (document ids, dropped history) run on the kernel
+megaret.ops.attention_backend picks: FlexAttention on CUDA, SDPA with a boolean mask elsewhere.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import CausalBias, causal_lower_right
+from torch.utils._python_dispatch import _disable_current_modes
+
+from megaret.ops import attention_flex
+from megaret.ops.attention_backend import masked_kernel
 
 
 def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -94,6 +104,8 @@ def attend_to_cache(
     t, s = q.shape[2], keys.shape[2]
     if t == 1 and window is None and key_valid is None and doc is None:
         return F.scaled_dot_product_attention(q, keys, values, scale=scale)
+    if doc is not None and masked_kernel(q.device) == "flex":
+        return attention_flex.document_attention(q, keys, values, position, window, key_valid, doc, scale)
     q_pos = torch.arange(position, position + t, device=q.device)
     k_pos = torch.arange(position + t - s, position + t, device=q.device)
     mask = visible(q_pos, k_pos, window)[None, None]  # (1, 1, T, S)
@@ -115,12 +127,89 @@ def same_document(doc: torch.Tensor, num_keys: int) -> torch.Tensor:
     return doc[:, :, None] == key_documents(doc, num_keys)[:, None, :]
 
 
+def key_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_visible: torch.Tensor,
+                         scale: float | None = None) -> torch.Tensor:
+    """Attention without positions over the keys key_visible (B, Tk) bool marks: q (B, H, Tq, D),
+    k/v (B, H, Tk, D) -> (B, H, Tq, D). Each sample must see at least one key."""
+    if masked_kernel(q.device) == "flex":
+        return attention_flex.key_masked_attention(q, k, v, key_visible, scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=key_visible[:, None, None, :], scale=scale)
+
+
+@functools.lru_cache(maxsize=64)
+def lower_right(q_len: int, k_len: int) -> CausalBias:
+    """`causal_lower_right(q_len, k_len)`: query i sees keys 0 .. i + k_len - q_len. Made once per
+    shape, outside any dispatch mode (a CausalBias, a tensor subclass, cannot be created inside one,
+    e.g. under torch's FlopCounterMode)."""
+    with _disable_current_modes():
+        return causal_lower_right(q_len, k_len)
+
+
 def blockwise_window_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
+    prev_k: torch.Tensor | None = None, prev_v: torch.Tensor | None = None,
+    prev_valid: torch.Tensor | None = None, scale: float | None = None,
+) -> torch.Tensor:
+    """Block-windowed causal attention of a segment starting on a block boundary, without a mask tensor.
+
+    q, k, v: (B, H, T, D), any T (a partial last block included); prev_k/v: (B, H, W, D), the
+    block before the segment (None: there is none); prev_valid: (B,) bool, False where a
+    sample's previous block must be ignored. Blocks 1 .. n-1 are folded into the head dimension
+    and attend to [previous block; itself] under `causal_lower_right(W, 2W)` in one SDPA call;
+    the first block (over the cached block, or alone) and a partial last block take one call
+    each. O(T * 2W) instead of O(T^2), and SDPA's flash kernel accepts every call.
+    """
+    b, h, t, d = q.shape
+    w = window
+    n = t // w  # whole blocks
+    first = min(w, t)
+    head = slice(0, first)
+    outs = [_first_block(q[:, :, head], k[:, :, head], v[:, :, head], prev_k, prev_v, prev_valid, scale)]
+    if n > 1:
+        qb = q[:, :, w:n * w].unflatten(2, (n - 1, w)).flatten(1, 2)  # (B, H (n-1), W, D)
+        kb, vb = _block_pairs(k, n, w), _block_pairs(v, n, w)  # (B, H (n-1), 2W, D)
+        o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=lower_right(w, 2 * w), scale=scale)
+        outs.append(o.unflatten(1, (h, n - 1)).flatten(2, 3))  # (B, H, (n-1) W, D)
+    r = t - n * w
+    if r and n:  # the partial last block over [the last whole block; itself]: the last W + r keys
+        tail = slice((n - 1) * w, t)
+        outs.append(F.scaled_dot_product_attention(q[:, :, n * w:], k[:, :, tail], v[:, :, tail],
+                                                   attn_mask=lower_right(r, w + r), scale=scale))
+    return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+
+
+def _block_pairs(x: torch.Tensor, n: int, w: int) -> torch.Tensor:
+    """x (B, H, T, D) with n whole blocks of w -> (B, H (n-1), 2w, D): [block i-1; block i], i = 1 .. n-1."""
+    xb = x[:, :, :n * w].unflatten(2, (n, w))  # (B, H, n, W, D)
+    return torch.cat([xb[:, :, :-1], xb[:, :, 1:]], dim=3).flatten(1, 2)
+
+
+def _first_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prev_k: torch.Tensor | None,
+                 prev_v: torch.Tensor | None, prev_valid: torch.Tensor | None, scale: float | None
+                 ) -> torch.Tensor:
+    """The segment's first (or only, partial) block, F <= W tokens (B, H, F, D): over [prev; itself]
+    where the previous block is valid, causally over itself where it is not."""
+    f = q.shape[2]
+    valid = q.shape[0] if prev_k is None or prev_valid is None else int(prev_valid.sum())  # one sync
+    if prev_k is None or valid == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    keys, values = torch.cat([prev_k, k], dim=2), torch.cat([prev_v, v], dim=2)  # (B, H, W + F, D)
+    with_prev = F.scaled_dot_product_attention(q, keys, values, attn_mask=lower_right(f, keys.shape[2]),
+                                               scale=scale)
+    if valid == q.shape[0]:
+        return with_prev
+    alone = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return torch.where(prev_valid[:, None, None, None], with_prev, alone)
+
+
+def masked_blockwise_window_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
     prev_k: torch.Tensor | None = None, prev_v: torch.Tensor | None = None,
     prev_valid: torch.Tensor | None = None, scale: float | None = None, doc: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Block-windowed causal attention for a block-aligned segment, every block in one SDPA call.
+    """Block-windowed attention with document ids as one SDPA over (B, H, n, W, 2W) with a boolean
+    mask (SDPA's math or memory-efficient kernel): the `sdpa` masked kernel's path (CPU) and the
+    reference the mask-free and FlexAttention paths are tested against.
 
     q, k, v: (B, H, T, D) with T a multiple of W = window, the segment starting on a block
     boundary; prev_k/v: (B, H, W, D), the block before the segment (None: there is none);
