@@ -64,7 +64,8 @@ def export(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str]) -> P
         tmp.unlink(missing_ok=True)
         raise
     meta = {"step": manifest["trainer"]["step"], "tokens_seen": manifest["trainer"]["tokens_seen"],
-            "arch": model.arch, "parameters": n, "weights": weights_source(manifest), "config": manifest["config"]}
+            "arch": model.arch, "parameters": n, "weights": weights_source(manifest),
+            "config": manifest["config"]}
     Path(f"{out}.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     return out
 

@@ -75,7 +75,8 @@ def weights_source(manifest: dict, masters: bool = True) -> str:
     if masters and lay["zero_stage"] in RESHARDABLE_ZERO:
         return "fp32 optimizer masters"
     if lay.get("precision") == "bf16":
-        return "bf16 model weights cast to fp32" + (" (ZeRO-0 keeps no fp32 masters to read)" if masters else "")
+        why = " (ZeRO-0 keeps no fp32 masters to read)" if masters else ""
+        return f"bf16 model weights cast to fp32{why}"
     return "fp32 model weights"
 
 

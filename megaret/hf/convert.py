@@ -80,11 +80,11 @@ def to_hf(state: dict[str, Any], m: ModelConfig, *, bos_id: int | None, eos_id: 
     from megaret.hf.modeling.configuration_megaret import MegaretConfig
 
     config = MegaretConfig(
-        arch=m.arch, ffn_type=m.ffn_type, norm_type=m.norm_type, norm_eps=m.norm_eps, rotary_base=m.rotary_base,
-        value_factor=m.value_factor, decay_schedule=m.decay_schedule, chunk_size=m.chunk_size,
-        block_size=m.block_size, num_states=m.num_states, recurrent_layers=m.recurrent_layer_indices,
-        gate_type=m.gate_type, state_skip=m.state_skip, initializer_range=m.init_std,
-        architectures=["MegaretForCausalLM"], auto_map=AUTO_MAP, **common)
+        arch=m.arch, ffn_type=m.ffn_type, norm_type=m.norm_type, norm_eps=m.norm_eps,
+        rotary_base=m.rotary_base, value_factor=m.value_factor, decay_schedule=m.decay_schedule,
+        chunk_size=m.chunk_size, block_size=m.block_size, num_states=m.num_states,
+        recurrent_layers=m.recurrent_layer_indices, gate_type=m.gate_type, state_skip=m.state_skip,
+        initializer_range=m.init_std, architectures=["MegaretForCausalLM"], auto_map=AUTO_MAP, **common)
     return HFModel("MegaretForCausalLM", True, config, weights)
 
 

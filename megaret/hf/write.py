@@ -48,7 +48,8 @@ def check_out_dir(out: Path) -> None:
         raise ExportDirError(f"--out {out} is a file: the hf and safetensors formats write a directory; "
                              f"give a new directory, e.g. {out.with_suffix('')}")
     if out.is_dir() and any(out.iterdir()):
-        raise ExportDirError(f"--out {out} is a directory that is not empty: give a new directory or remove it")
+        raise ExportDirError(f"--out {out} is a directory that is not empty: give a new directory or "
+                             "remove it")
 
 
 def write_hf(out: Path, state: dict[str, Any], cfg: Config, tok: Tokenizer) -> HFModel:
@@ -71,8 +72,10 @@ def _generation_config(tok: Tokenizer, model_vocab: int) -> Any:
     chosen, as megaret.generate never samples them."""
     from transformers import GenerationConfig
 
-    extra = {"suppress_tokens": list(range(tok.vocab_size, model_vocab))} if tok.vocab_size < model_vocab else {}
-    return GenerationConfig(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.eos_id, **extra)
+    padded = list(range(tok.vocab_size, model_vocab))
+    extra = {"suppress_tokens": padded} if padded else {}
+    return GenerationConfig(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.eos_id,
+                            **extra)
 
 
 def _hf_tokenizer(tok: Tokenizer, max_length: int) -> Any:
@@ -117,8 +120,8 @@ def export_dir(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str], 
     if (warning := tokenizer_warning(manifest, tok, tokenizer)) is not None:
         meta["tokenizer_warning"] = warning
     if tok.vocab_size > cfg.model.vocab_size:
-        raise ExportDirError(f"the tokenizer has {tok.vocab_size} ids but model.vocab_size={cfg.model.vocab_size}: "
-                             "give the run's tokenizer with --tokenizer")
+        raise ExportDirError(f"the tokenizer has {tok.vocab_size} ids but model.vocab_size="
+                             f"{cfg.model.vocab_size}: give the run's tokenizer with --tokenizer")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)

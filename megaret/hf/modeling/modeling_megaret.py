@@ -96,7 +96,8 @@ def log_decays(num_heads: int, schedule: str) -> torch.Tensor:
     if schedule == "retnet":
         return torch.log1p(-torch.exp2(-5.0 - h)).float()
     if schedule == "loglinear":
-        one_minus = torch.exp(torch.linspace(math.log(1 / 32), math.log(1 / 512), num_heads, dtype=torch.float64))
+        span = torch.linspace(math.log(1 / 32), math.log(1 / 512), num_heads, dtype=torch.float64)
+        one_minus = torch.exp(span)
         return torch.log1p(-one_minus).float()
     raise ValueError(f"decay_schedule: unknown {schedule!r}; use retnet or loglinear")
 
@@ -437,7 +438,8 @@ class MegaretPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(module, HeadScale):
-            init.constant_(module.weight, float(self.config.hidden_size // self.config.num_attention_heads) ** 0.5)
+            head_dim = self.config.hidden_size // self.config.num_attention_heads
+            init.constant_(module.weight, float(head_dim) ** 0.5)
         elif isinstance(module, Gate):
             init.zeros_(module.bias)
             if module.gate_bias is not None:
@@ -548,8 +550,8 @@ class MegaretForCausalLM(MegaretPreTrainedModel, GenerationMixin):
         logits = self.output(self.final_norm(x))  # (B, T, V)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
-                                   ignore_index=-100)
+            targets = labels[:, 1:].flatten().to(logits.device)
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets, ignore_index=-100)
         out = MegaretCausalLMOutput(loss, logits, new_cache if use_cache else None)
         return out if return_dict is not False else out.to_tuple()
 
