@@ -232,6 +232,24 @@ def test_export_refuses_a_file_or_a_full_directory_in_one_line(trained, tmp_path
     assert (tmp_path / "full" / "keep").read_text() == "x"
 
 
+def test_zero3_checkpoints_are_refused_in_one_line(trained, tmp_path, capsys):
+    """ZeRO-3 partitions the weights over data parallel; export reads ZeRO <= 2 (a manifest that says
+    zero_stage 3 is refused before any file is read as one)."""
+    import shutil
+
+    ckpt = tmp_path / "step"
+    shutil.copytree(resolve(trained.root / "sliding"), ckpt)
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["model"]["zero_stage"] = 3
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SystemExit) as exc:
+        export_main(["--checkpoint", str(ckpt), "--format", "hf", "--out", str(tmp_path / "hf")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "ZeRO-3" in err and "parallel.zero_stage <= 2" in err and "\n" not in err
+    assert not (tmp_path / "hf").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # lm-evaluation-harness
 

@@ -30,7 +30,7 @@ import torch
 from megaret.config import Config
 from megaret.config.loader import save_config
 from megaret.data import Tokenizer
-from megaret.errors import UserError
+from megaret.export import ExportError
 from megaret.hf.convert import REMOTE_FILES, HFModel, to_hf
 
 MODELING_DIR = Path(__file__).resolve().parent / "modeling"
@@ -38,17 +38,13 @@ FORMATS = ("hf", "safetensors")
 WEIGHTS_FILE = "model.safetensors"
 
 
-class ExportDirError(UserError, ValueError):
-    """The export directory cannot be written where asked (one-line message naming the fix)."""
-
-
 def check_out_dir(out: Path) -> None:
     """OUT must be a new or empty directory (checked before consolidating)."""
     if out.exists() and not out.is_dir():
-        raise ExportDirError(f"--out {out} is a file: the hf and safetensors formats write a directory; "
+        raise ExportError(f"--out {out} is a file: the hf and safetensors formats write a directory; "
                              f"give a new directory, e.g. {out.with_suffix('')}")
     if out.is_dir() and any(out.iterdir()):
-        raise ExportDirError(f"--out {out} is a directory that is not empty: give a new directory or "
+        raise ExportError(f"--out {out} is a directory that is not empty: give a new directory or "
                              "remove it")
 
 
@@ -102,13 +98,13 @@ def write_safetensors(out: Path, state: dict[str, Any], cfg: Config, tok: Tokeni
 def export_dir(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str], fmt: str,
                tokenizer: str | None = None) -> tuple[Path, dict[str, Any]]:
     """Write `fmt` ("hf" or "safetensors") of a checkpoint (a step, checkpoints/ or run directory)
-    into the new directory `out`; returns it and what export.json holds. Raises ExportDirError,
+    into the new directory `out`; returns it and what export.json holds. Raises ExportError,
     CheckpointError, ConfigError or DataError (the tokenizer)."""
     from megaret.checkpoint.consolidate import export_weights, weights_source
     from megaret.infer.loading import resolve_tokenizer, tokenizer_warning
 
     if fmt not in FORMATS:
-        raise ExportDirError(f"--format {fmt}: unknown; use pt, {' or '.join(FORMATS)}")
+        raise ExportError(f"--format {fmt}: unknown; use pt, {' or '.join(FORMATS)}")
     out = Path(out)
     check_out_dir(out)
     state, manifest, cfg = export_weights(checkpoint)
@@ -120,7 +116,7 @@ def export_dir(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str], 
     if (warning := tokenizer_warning(manifest, tok, tokenizer)) is not None:
         meta["tokenizer_warning"] = warning
     if tok.vocab_size > cfg.model.vocab_size:
-        raise ExportDirError(f"the tokenizer has {tok.vocab_size} ids but model.vocab_size="
+        raise ExportError(f"the tokenizer has {tok.vocab_size} ids but model.vocab_size="
                              f"{cfg.model.vocab_size}: give the run's tokenizer with --tokenizer")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
