@@ -75,14 +75,15 @@ def _generation_config(tok: Tokenizer, model_vocab: int) -> Any:
 
 
 def _hf_tokenizer(tok: Tokenizer, max_length: int) -> Any:
-    """The run's tokenizer.json as a transformers fast tokenizer with its <bos>/<eos> named."""
+    """The run's tokenizer.json as a transformers fast tokenizer with its <bos>/<eos> named (padding
+    with <eos>)."""
     from tokenizers import Tokenizer as RawTokenizer
     from transformers import PreTrainedTokenizerFast
 
     raw = RawTokenizer.from_file(str(tok.path))
-    eos = raw.id_to_token(tok.eos_id)
-    return PreTrainedTokenizerFast(tokenizer_object=raw, bos_token=raw.id_to_token(tok.bos_id), eos_token=eos,
-                                   pad_token=eos, model_max_length=max_length)
+    named = {"bos_token": tok.bos_id, "eos_token": tok.eos_id, "pad_token": tok.eos_id}
+    specials = {name: raw.id_to_token(i) for name, i in named.items() if i is not None}
+    return PreTrainedTokenizerFast(tokenizer_object=raw, model_max_length=max_length, **specials)
 
 
 def write_safetensors(out: Path, state: dict[str, Any], cfg: Config, tok: Tokenizer) -> None:
