@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/pins.txt
 	$(PY) -c "import triton; print('triton==' + triton.__version__)" >> $(VENV)/pins.txt 2>/dev/null \
 		|| grep '^triton==' constraints-cpu.txt >> $(VENV)/pins.txt
-	PIP_CONSTRAINT=$(CURDIR)/$(VENV)/pins.txt $(PY) -m pip install -q -e ".[dev,kernels]"
+	PIP_CONSTRAINT=$(CURDIR)/$(VENV)/pins.txt $(PY) -m pip install -q -e ".[dev,kernels,hf]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -92,8 +92,9 @@ def test_the_fla_branch_of_the_retention_stage_runs_with_a_stand_in_kernel():
 
     shape = gpu_stages.RetentionShape(heads=4, local=2, dk=16, dv=32, chunk=32)
     cpu = torch.device("cpu")
-    row = gpu_stages._retention_row(64, 2, shape, torch.bfloat16, cpu, stand_in, Clock(cpu), grads=True,
-                                    resets=True, reps=(1, 1))
+    row: dict = {}
+    gpu_stages._retention_row(row, 64, 2, shape, torch.bfloat16, cpu, stand_in, Clock(cpu), grads=True,
+                              resets=True, reps=(1, 1))
     assert {"rank0_rel_err_o", "rank1_rel_err_state", "rel_err_dq", "reset_rel_err_o", "fla_fwd_bwd_ms",
             "torch_fwd_ms", "fla_speedup_fwd_bwd"} <= set(row) and row["resets"] >= 1
     assert max(v for k, v in row.items() if "rel_err" in k) < 2e-2

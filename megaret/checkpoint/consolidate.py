@@ -7,8 +7,11 @@ read with weights_only=True; TP shards are merged (`megaret.checkpoint.merge.mer
 stages by name. The result (plus megatron's ``_extra_state`` entries, None) is what
 ``RetNet(...).load_state_dict`` accepts in one process with the same config.
 
-bf16 runs give their bf16 model weights cast to fp32 (not the fp32 optimizer masters).
-ZeRO-3 checkpoints (parameters partitioned over DP) are not supported.
+The model files hold the weights in the run's precision: a bf16 run's are bf16, cast to fp32.
+With ``masters=True`` (what `megaret.export` writes) the fp32 master weights come from the ZeRO-1/2
+optimizer shards instead (`megaret.checkpoint.reshard.training_state`), exact under bf16 too;
+ZeRO-0 keeps no partitioned masters to read, so there the model files' weights are used
+(`weights_source` says which). ZeRO-3 checkpoints (parameters partitioned over DP) are refused.
 """
 
 from __future__ import annotations
@@ -24,16 +27,20 @@ import torch
 from megaret.checkpoint.files import CheckpointError, resolve, verify
 from megaret.checkpoint.legacy import model_layout
 from megaret.checkpoint.merge import merge_named
+from megaret.checkpoint.reshard import RESHARDABLE_ZERO, training_state
 from megaret.checkpoint.safe import safe_load
 from megaret.config import Config
 from megaret.config.loader import apply_overrides, config_from_dict
+from megaret.models.spec import arch_spec
 
 log = logging.getLogger("megaret.checkpoint")
 
 
-def consolidate(checkpoint: str | os.PathLike[str], attempts: int = 3) -> tuple[dict[str, Any], dict]:
+def consolidate(checkpoint: str | os.PathLike[str], attempts: int = 3, masters: bool = False
+                ) -> tuple[dict[str, Any], dict]:
     """(full-model fp32 state dict, manifest) of a checkpoint, a checkpoints/ or a run directory
-    (then its newest checkpoint that verifies).
+    (then its newest checkpoint that verifies); with `masters`, the optimizer's fp32 masters
+    where the checkpoint holds them (`weights_source`).
 
     A live run may prune the checkpoint chosen from a run directory while it is read: then the
     newest valid one is chosen again (up to `attempts` times), said in one warning line."""
@@ -41,7 +48,7 @@ def consolidate(checkpoint: str | os.PathLike[str], attempts: int = 3) -> tuple[
     ckpt = resolve(source)
     for attempt in range(attempts):
         try:
-            return _consolidate(ckpt)
+            return _consolidate(ckpt, masters)
         except (CheckpointError, OSError):
             if ckpt == source or attempt + 1 == attempts or ckpt.is_dir() and verify_quietly(ckpt):
                 raise  # an explicit checkpoint, or one that is still there: the error is real
@@ -62,7 +69,18 @@ def verify_quietly(ckpt: Path) -> bool:
     return True
 
 
-def _consolidate(ckpt: Path) -> tuple[dict[str, Any], dict]:
+def weights_source(manifest: dict, masters: bool = True) -> str:
+    """Which weights `consolidate(..., masters)` gives for a checkpoint with this manifest."""
+    lay = model_layout(manifest)
+    if masters and lay["zero_stage"] in RESHARDABLE_ZERO:
+        return "fp32 optimizer masters"
+    if lay.get("precision") == "bf16":
+        why = " (ZeRO-0 keeps no fp32 masters to read)" if masters else ""
+        return f"bf16 model weights cast to fp32{why}"
+    return "fp32 model weights"
+
+
+def _consolidate(ckpt: Path, masters: bool = False) -> tuple[dict[str, Any], dict]:
     manifest = verify(ckpt)
     lay = model_layout(manifest)
     if lay["zero_stage"] >= 3:
@@ -84,10 +102,30 @@ def _consolidate(ckpt: Path) -> tuple[dict[str, Any], dict]:
             dims[name] = dim
             pieces.setdefault(name, {})[where["tp_rank"]] = value.float() if torch.is_tensor(value) else value
     full = merge_named(pieces, dims, lay["tensor"], ckpt)
+    if masters and lay["zero_stage"] in RESHARDABLE_ZERO:
+        fp32 = training_state(ckpt, lay, {k for k, v in full.items() if torch.is_tensor(v)}).params
+        return {k: fp32[k] if torch.is_tensor(v) else v for k, v in full.items()}, manifest
     cut = lay["tensor"] > 1
     # an uncut tensor is one rank's, as loaded: copy it out of the file's storage
     return {k: v.clone() if torch.is_tensor(v) and not (cut and dims[k] is not None) else v
             for k, v in full.items()}, manifest
+
+
+def export_weights(checkpoint: str | os.PathLike[str]) -> tuple[dict[str, Any], dict, Config]:
+    """(the fp32 masters as a full-model state dict, manifest, one-process config) of a checkpoint,
+    a checkpoints/ or a run directory: what `megaret.export` writes in every format. Raises
+    CheckpointError, also when the weights do not hold the parameter count the arch's spec gives
+    for the saved config."""
+    state, manifest = consolidate(checkpoint, masters=True)
+    cfg = checkpoint_config(manifest)
+    model = cfg.model
+    n = sum(t.numel() for t in state.values() if torch.is_tensor(t))
+    expected = arch_spec(model.arch).param_count(model)
+    if n != expected:
+        raise CheckpointError(f"{checkpoint}: the consolidated weights hold {n} parameters, model.arch="
+                              f"{model.arch} with the saved config has {expected}: the checkpoint does not "
+                              "match its manifest")
+    return state, manifest, cfg
 
 
 def checkpoint_config(manifest: dict, overrides: Sequence[str] = ()) -> Config:

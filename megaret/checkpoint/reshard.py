@@ -8,7 +8,8 @@ everything:
 1. `training_state` (offline, no process group; `consolidate_training_state` from a whole
    manifest): for every saved TP x PP rank (``mp_rank_XX``, mapped to (tp_rank, pp_rank) by the
    model part's manifest entry) read the ZeRO-1/2 optimizer
-   shard of each DP rank (``zero_pp_rank_D_mp_rank_XX_optim_states.pt``). Each holds the DP
+   shard of each DP rank (``zero_pp_rank_D_mp_rank_XX_optim_states.pt``, ``bf16_``-prefixed for a
+   bf16 run). Each holds the DP
    rank's flat partition of the fp32 master weights and of Adam's ``exp_avg``/``exp_avg_sq``,
    and ``param_slice_mappings``: for each parameter (by DeepSpeed's module key) the slice of that
    partition it occupies. Concatenating a parameter's slices in DP-rank order gives its flat TP
@@ -68,14 +69,20 @@ def _group_states(base: Any, n_groups: int) -> list[dict[str, Any]]:
     return [dict(s) if s else {} for s in base]  # elastic_checkpoint: a list per group
 
 
-def _optimizer_slices(ds: Path, mp: str, key_map: dict[str, list], n_data: int
+def optimizer_file(ds: Path, layout: dict[str, Any], dp_rank: int, mp: str) -> Path:
+    """DP rank `dp_rank`'s ZeRO shard of TP x PP rank `mp` (DeepSpeed prefixes a bf16 run's "bf16_")."""
+    prefix = "bf16_" if layout.get("precision") == "bf16" else ""
+    return ds / f"{prefix}zero_pp_rank_{dp_rank}_mp_rank_{mp}_optim_states.pt"
+
+
+def _optimizer_slices(ds: Path, mp: str, key_map: dict[str, list], layout: dict[str, Any]
                       ) -> tuple[dict[str, dict[str, list[torch.Tensor]]], list[torch.Tensor]]:
     """For each DeepSpeed module key of TP x PP rank `mp`: its slices of the fp32 masters and Adam
     moments in DP-rank order ({key: {kind: [slice per DP rank]}}), and the Adam step counters seen."""
     flat: dict[str, dict[str, list[torch.Tensor]]] = {}
     steps: list[torch.Tensor] = []
-    for d in range(n_data):
-        path = ds / f"zero_pp_rank_{d}_mp_rank_{mp}_optim_states.pt"
+    for d in range(layout["data"]):
+        path = optimizer_file(ds, layout, d, mp)
         osd = safe_load(path)["optimizer_state_dict"]
         fp32 = osd["single_partition_of_fp32_groups"]
         states = _group_states(osd["base_optimizer_state"], len(fp32))
@@ -129,7 +136,7 @@ def training_state(ckpt: Path, layout: dict[str, Any], names: set[str] | None = 
         if not out.engine_counters:
             counters = ("global_steps", "global_samples", "skipped_steps")
             out.engine_counters = {k: model.get(k) for k in counters}
-        flat, mp_steps = _optimizer_slices(ds, mp, key_map, layout["data"])
+        flat, mp_steps = _optimizer_slices(ds, mp, key_map, layout)
         steps += mp_steps
         for key, (name, dim) in key_map.items():
             value = model["module"].get(key)

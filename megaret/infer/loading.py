@@ -34,8 +34,16 @@ def resolve_tokenizer(cfg: Config, explicit: str | None) -> Tokenizer:
 
 
 def load_weights(model: torch.nn.Module, path: str | Path | dict, what: str = "--weights") -> None:
-    """A consolidated state dict (TP=1 layout; a file, loaded without unpickling code, or in memory)."""
-    state = torch.load(path, map_location="cpu", weights_only=True) if isinstance(path, str | Path) else path
+    """A consolidated state dict (TP=1 layout; a torch.save file, loaded without unpickling code, a
+    .safetensors file (`megaret.export --format safetensors`), or in memory)."""
+    if isinstance(path, str | Path) and str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    elif isinstance(path, str | Path):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        state = path
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
