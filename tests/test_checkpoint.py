@@ -32,7 +32,9 @@ from megaret.checkpoint.files import (
 from megaret.checkpoint.safe import SafeCheckpointEngine, safe_load
 from tests.conftest import REPO, run_distributed
 
-SPECS = ("1,1,1,synthetic", "1,1,1,shards", "1,2,1,synthetic", "2,1,1,synthetic")  # tp,pp,zero,source
+# tp,pp,zero,source[,precision]; bf16 under PP=2: fp32 gradient accumulation (DeepSpeed's
+# BF16_Optimizer, its bf16_zero_pp_rank_* files) resumes bit-exactly too
+SPECS = ("1,1,1,synthetic", "1,1,1,shards", "1,2,1,synthetic", "2,1,1,synthetic", "1,2,1,synthetic,bf16")
 
 
 class RunsCode:
@@ -203,6 +205,7 @@ def test_resume_is_bit_exact(launched, spec):
     assert r["loader_state_equal"]
     assert r["loader_state_is_set"] == spec.endswith("shards")  # the shard loader's position resumed
     assert r["export_equal"]
+    assert r["export_dtypes"] == ["torch.float32"]  # bf16 runs too: their fp32 masters
 
 
 def test_corrupt_checkpoints_are_detected_and_the_previous_one_is_used(launched):

@@ -106,16 +106,32 @@ def _param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
 
 
+def fp32_grad_accumulation(cfg: Config) -> bool:
+    """bf16 under ZeRO-0/1: each micro-batch's bf16 gradient is added into a persistent fp32
+    gradient and freed (DeepSpeed's BF16_Optimizer with immediate_grad_update: a post-accumulate-grad
+    hook per parameter, megatron's main_grad pattern), the data-parallel reduction runs on those fp32
+    gradients and the optimizer steps its fp32 masters from them. ZeRO-2/3 reduce inside DeepSpeed's
+    own backward, where its optimizer keeps the gradients."""
+    return cfg.train.precision == "bf16" and cfg.parallel.zero_stage <= 1
+
+
 def deepspeed_config(cfg: Config, dp_size: int) -> dict:
     n_micro = micro_batches_per_step(cfg, dp_size)
-    return {
+    fp32_accum = fp32_grad_accumulation(cfg)
+    # DeepSpeed picks its BF16_Optimizer only for ZeRO stage 1 with fp32 accumulation; its fp32
+    # masters are sharded over DP like ZeRO-1's, so parallel.zero_stage=0 runs it too under bf16
+    zero_stage = max(cfg.parallel.zero_stage, 1) if fp32_accum else cfg.parallel.zero_stage
+    # and DeepSpeed would reduce a bf16 run's gradients in bf16 (communication_data_type's default)
+    extra = ({"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"}
+             if fp32_accum else {})
+    return {**extra,
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": n_micro,
         "train_batch_size": cfg.train.global_batch_size,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_optimization": {"stage": zero_stage},
         "zero_allow_untested_optimizer": True,
         "gradient_clipping": float(cfg.optimizer.clip_grad),  # DeepSpeed would default to 1.0
-        "bf16": {"enabled": cfg.train.precision == "bf16"},
+        "bf16": {"enabled": cfg.train.precision == "bf16", "immediate_grad_update": fp32_accum},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }

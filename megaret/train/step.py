@@ -144,13 +144,20 @@ def _dp_sum(value: float, ctx: ParallelContext) -> float:
     return t.item()
 
 
+def accumulated_grad(p: nn.Parameter) -> torch.Tensor | None:
+    """The gradient accumulated over this step's micro-batches: fp32 `_hp_grad` (DeepSpeed's
+    BF16_Optimizer with immediate_grad_update, bf16 runs) or `.grad` (fp32 runs)."""
+    return p.grad if p.grad is not None else getattr(p, "_hp_grad", None)
+
+
 def allreduce_sequence_parallel_grads(stages: list[nn.Module], ctx: ParallelContext) -> None:
     """Sum over TP the gradients of parameters tagged `sequence_parallel` (norms seeing one
-    sequence shard each), as megatron's finalize_model_grads does."""
+    sequence shard each), as megatron's finalize_model_grads does. Under bf16 the accumulated
+    gradient is the fp32 one DeepSpeed's BF16_Optimizer keeps (`_hp_grad`; `.grad` was freed)."""
     if ctx.tp.size == 1:
         return
-    grads = [p.grad for c in stages for p in c.parameters()
-             if getattr(p, "sequence_parallel", False) and p.grad is not None]
+    grads = [g for c in stages for p in c.parameters()
+             if getattr(p, "sequence_parallel", False) and (g := accumulated_grad(p)) is not None]
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])

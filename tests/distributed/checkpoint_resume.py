@@ -44,9 +44,9 @@ SOURCES = {
 
 
 def overrides(spec: str) -> list[str]:
-    tp, pp, zero, source = spec.split(",")
+    tp, pp, zero, source, *precision = spec.split(",")  # an optional 5th field: train.precision
     return [*COMMON, *SOURCES[source], f"parallel.tensor={tp}", f"parallel.pipeline={pp}",
-            f"parallel.zero_stage={zero}"]
+            f"parallel.zero_stage={zero}", *(f"train.precision={p}" for p in precision)]
 
 
 def trainer_at(run_dir: Path, spec: str, *extra: str) -> Trainer:
@@ -74,7 +74,7 @@ def finish(trainer: Trainer) -> None:
 
 
 def resume_check(work: Path, spec: str) -> dict:
-    key = "tp{}-pp{}-zero{}-{}".format(*spec.split(","))
+    key = "tp{}-pp{}-zero{}-{}".format(*spec.split(",")) + "".join(f"-{p}" for p in spec.split(",")[4:])
     base = work / key
     ref = trainer_at(base / "ref", spec)
     ref_losses, snapshots = [], {}
@@ -122,7 +122,9 @@ def resume_check(work: Path, spec: str) -> dict:
         path = export(base / "run", work / f"export-{key}.pt")
         exported = torch.load(path, weights_only=True)
         tensors = {k: v for k, v in exported.items() if torch.is_tensor(v)}
-        out["export_equal"] = all_equal(tensors, params)
+        # a bf16 run exports its fp32 masters: they round to the bf16 weights it trains with
+        out["export_equal"] = all_equal({k: v.to(params[k].dtype) for k, v in tensors.items()}, params)
+        out["export_dtypes"] = sorted({str(v.dtype) for v in tensors.values()})
         out["export_extra"] = sorted({repr(v) for k, v in exported.items() if k not in tensors})
         torch.save(params, work / f"gathered-{key}.pt")
         out["overrides"] = overrides(spec)
@@ -140,7 +142,7 @@ def flip_tensor_bytes(path: Path) -> None:
 
 def corrupt_check(work: Path, spec: str) -> dict:
     """On the first spec's resumed run (checkpoints 4, 8, 10): damage 10, then 8, restart each time."""
-    key = "tp{}-pp{}-zero{}-{}".format(*spec.split(","))
+    key = "tp{}-pp{}-zero{}-{}".format(*spec.split(",")) + "".join(f"-{p}" for p in spec.split(",")[4:])
     run = work / key / "run" / "checkpoints"
     out: dict = {}
     if dist.get_rank() == 0:
@@ -187,7 +189,7 @@ class RunsCode:
 def malicious_check(work: Path, spec: str) -> dict:
     """Replace the newest checkpoint's model file with a code-running pickle and fix its manifest
     entry (so only the loader stands in the way): the Trainer must refuse it without running it."""
-    key = "tp{}-pp{}-zero{}-{}".format(*spec.split(","))
+    key = "tp{}-pp{}-zero{}-{}".format(*spec.split(",")) + "".join(f"-{p}" for p in spec.split(",")[4:])
     run = work / key / "run" / "checkpoints"
     marker = work / "PWNED"
     newest = list_checkpoints(run)[-1][1]  # step 4: corrupt_check's damaged 8 and 10 went to rejected/
