@@ -7,7 +7,9 @@ megatron-core's parallel_state (which `build_parallel_context` set up).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import logging
 import os
 
@@ -153,7 +155,11 @@ def build_engine(cfg: Config, ctx: ParallelContext, stages: list[nn.Module]):
     opt = cfg.optimizer
     optimizer = torch.optim.AdamW(_param_groups(module, opt.weight_decay), lr=opt.lr,
                                   betas=tuple(opt.betas), eps=opt.eps)
-    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, mpu=MegatronMPU(),
-                                      config=deepspeed_config(cfg, ctx.dp_size))
+    printed = io.StringIO()  # BF16_Optimizer print()s memory reports: to DeepSpeed's log, off stdout
+    with contextlib.redirect_stdout(printed):
+        engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, mpu=MegatronMPU(),
+                                          config=deepspeed_config(cfg, ctx.dp_size))
+    for line in printed.getvalue().splitlines():
+        deepspeed.utils.logger.info(line)
     return engine
 
