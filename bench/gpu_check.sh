@@ -24,7 +24,7 @@
 #   decoding    per-token latency at 1k and 16k, batch 1 and 8                       | one Python
 #   retention   fla vs torch retention, Dk 256 / Dv 512, bf16, T 2048 and 16384      | process
 #   throughput  RetNet (fla) vs Transformer (SDPA) tokens/s and MFU, T 2048 and 8192 /
-#   pytest      pytest -m gpu (the launched GPU smoke included)
+#   pytest      pytest -m gpu (the launched GPU smoke included; GPU_CHECK_PYTEST="FILE ..." picks files)
 # Autotuning: fla's kernels benchmark up to 48 configs each on their first call (30-40 s per kernel on
 # an H100). Triton keeps each winner in TRITON_CACHE_DIR as a small *.autotune.json keyed on triton's
 # version, the target (sm_90 for H100 and H200 alike), the kernel's source and its tuning key; the
