@@ -30,7 +30,9 @@ def resolve_tokenizer(cfg: Config, explicit: str | None) -> Tokenizer:
     if explicit or cfg.data.tokenizer:
         return Tokenizer(explicit or cfg.data.tokenizer)
     manifest, loc = load_manifest(resolve_manifests(cfg)[0])
-    return Tokenizer(Path(loc).parent / manifest["tokenizer"]["file"])
+    info = manifest["tokenizer"]  # older manifests name no special tokens: found by name
+    return Tokenizer(Path(loc).parent / info["file"], eos_token=info.get("eos_token"),
+                     bos_token=info.get("bos_token"))
 
 
 def load_weights(model: torch.nn.Module, path: str | Path | dict, what: str = "--weights") -> None:

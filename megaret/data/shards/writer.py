@@ -298,7 +298,6 @@ def _build_into(
     return {
         "format": FORMAT, "version": VERSION, "mode": mode, "seq_length": seq_length,
         "sample_tokens": seq_length + 1, "dtype": tok.dtype,
-        "tokenizer": {"file": TOKENIZER_FILE, "sha256": tok.sha256, "vocab_size": tok.vocab_size,
-                      "bos_id": tok.bos_id, "eos_id": tok.eos_id},
+        "tokenizer": tok.describe(),
         "valid_fraction": valid_fraction, "split_seed": split_seed, "sources": src_info, "splits": splits,
     }  # fmt: skip
