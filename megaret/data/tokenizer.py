@@ -107,11 +107,13 @@ class Tokenizer:
     """A HF ``tokenizer.json`` with its end/begin-of-document tokens; tiktoken-encoded when proven equal.
 
     ``encode(text)`` -> list of ids (no specials added); ``decode(ids)`` -> text. ``encoder`` is
-    "tiktoken" or "tokenizers"; ``vocab_size`` is one more than the largest id.
+    "tiktoken" or "tokenizers" (``encoder="tokenizers"`` keeps tiktoken out); ``vocab_size`` is one
+    more than the largest id.
     """
 
     def __init__(
-        self, path: str | Path, *, eos_token: str | None = None, bos_token: str | None = None
+        self, path: str | Path, *, eos_token: str | None = None, bos_token: str | None = None,
+        encoder: str = "auto",
     ) -> None:
         from tokenizers import Tokenizer as HFTokenizer
 
@@ -137,7 +139,9 @@ class Tokenizer:
         self.eos_id, self.bos_id = vocab[self.eos_token], vocab[self.bos_token]
         self._enc, self._nfc = None, False
         self.encoder = "tokenizers"
-        fast = _tiktoken_plan(spec)
+        if encoder not in ("auto", "tokenizers"):
+            raise DataError(f"encoder={encoder!r} is not one of auto, tokenizers")
+        fast = _tiktoken_plan(spec) if encoder == "auto" else None
         if fast is not None:
             import tiktoken
 
