@@ -47,8 +47,9 @@ def _write_all(root):
     parts["e.parquet"] = [DOCS[6], DOCS[8]]
     Dataset.from_dict({"text": DOCS[9:10]}).save_to_disk(str(root / "f_saved"))
     parts["f_saved"] = DOCS[9:10]
-    DatasetDict({"train": Dataset.from_dict({"text": DOCS[10:11]}),
-                 "test": Dataset.from_dict({"text": ["held-out test text"]})}).save_to_disk(str(root / "g_dict"))
+    held_out = Dataset.from_dict({"text": ["held-out test text"]})
+    DatasetDict({"train": Dataset.from_dict({"text": DOCS[10:11]}), "test": held_out}).save_to_disk(
+        str(root / "g_dict"))
     parts["g_dict"] = DOCS[10:11]  # a DatasetDict gives its train split
     import csv
 
@@ -74,7 +75,7 @@ def test_every_format_in_a_folder(corpus) -> None:
     assert skipped.files == [("skip.png", "unsupported suffix .png")]
     keys = [d.key for d in docs]
     assert len(set(keys)) == len(keys)
-    assert keys[:3] == ["src/a.txt.gz", "src/b.txt.xz", "src/c.jsonl.zst:1"]  # text: the file; jsonl: its line
+    assert keys[:3] == ["src/a.txt.gz", "src/b.txt.xz", "src/c.jsonl.zst:1"]  # a text file; a jsonl line
     assert "src/e.parquet:0" in keys and "src/e.parquet:2" in keys and "src/f_saved:0" in keys  # rows
     assert [d.key for d in read_documents(root, "src")] == keys  # the same order and keys every time
 
@@ -85,7 +86,8 @@ def test_each_file_alone_and_globs(corpus, tmp_path) -> None:
         assert [d.text for d in read_documents(root / name)] == texts, name
     # a glob: keys relative to its folder, so moving the files keeps them
     got = list(read_documents(str(root / "*.jsonl.*"), "g"))
-    assert [d.key for d in got] == ["g/c.jsonl.zst:1", "g/c.jsonl.zst:2", "g/d.jsonl.bz2:1", "g/d.jsonl.bz2:2"]
+    assert [d.key for d in got] == ["g/c.jsonl.zst:1", "g/c.jsonl.zst:2", "g/d.jsonl.bz2:1",
+                                    "g/d.jsonl.bz2:2"]
     moved = shutil.copytree(root, tmp_path / "elsewhere")
     assert [d.key for d in read_documents(str(moved / "*.jsonl.*"), "g")] == [d.key for d in got]
     assert [d.text for d in read_documents(str(root / "**" / "*.parquet"))] == parts["e.parquet"]
