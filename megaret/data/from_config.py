@@ -96,7 +96,7 @@ def check_vocab(s: ShardSet, vocab_size: int) -> None:
     if vocab > vocab_size:
         raise DataError(
             f"{s.location}: tokenizer has {vocab} ids but model.vocab_size={vocab_size}; "
-            f"set model.vocab_size >= {vocab}"
+            f"set model.vocab_size >= {vocab}, or model.vocab_size=null to size it from the tokenizer"
         )
 
 
