@@ -62,21 +62,28 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from megaret.data.default_corpus import stdlib_documents
     from megaret.data.loader import TokenLoader
     from megaret.data.tokenizer import Tokenizer
+    from megaret.data.vocab import default_corpus_vocab, resolve_vocab
 
     cfg = load_config(args.config, [])
     t0 = time.time()
     manifest = ensure_default_shards(
-        args.cache_dir, cfg.model.vocab_size, cfg.data.seq_length, small=not args.full
+        args.cache_dir, default_corpus_vocab(cfg), cfg.data.seq_length, small=not args.full
     )
     build_s = time.time() - t0
     m, _ = load_manifest(manifest)
+    resolve_vocab(cfg, m["tokenizer"]["vocab_size"], read_data=False)
     tok = Tokenizer(manifest.parent)
+    hf = Tokenizer(manifest.parent, encoder="tokenizers")  # the same ids without the tiktoken path
 
     texts = [d.text for d in stdlib_documents(small=True)]
     tok.encode_batch(texts[:5])
     t0 = time.perf_counter()
     n_tok = sum(len(ids) for ids in tok.encode_batch(texts, num_threads=2))
     encode_tps = n_tok / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    hf_ids = hf.encode_batch(texts)
+    hf_encode_tps = sum(len(ids) for ids in hf_ids) / (time.perf_counter() - t0)
+    assert tok.encoder == "tiktoken" and hf_ids == tok.encode_batch(texts), "tiktoken ids differ from HF's"
 
     n_batches = 1000 if args.quick else 5000
     loader = TokenLoader(
@@ -97,6 +104,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "corpus_train_tokens": m["splits"]["train"]["tokens"],
         "shard_build_or_reuse_s": round(build_s, 2),
         "tokenizer_encode_tokens_per_s": round(encode_tps),
+        "tokenizer_encode_tokens_per_s_hf_tokenizers": round(hf_encode_tps),
         "loader_tokens_per_s": round(loader_tps),
         "loader_workers": args.workers,
         "micro_batch_size": cfg.train.micro_batch_size,

@@ -3,10 +3,13 @@
     python data_tools/build_shards.py --input DIR_OR_FILE [--input ...] --output DIR \\
         [--seq-length 2048] [--vocab-size 32000 | --tokenizer tokenizer.json] [--mode packed|segments] \\
         [--valid-fraction 0.01] [--samples-per-shard N] [--name NAME --license TEXT] [--text-key text] \\
-        [--on-binary error|skip]
+        [--on-binary error|skip] [--eos-token TOKEN --bos-token TOKEN]
     python data_tools/build_shards.py --default-corpus small|full --output DIR [...]
 
-An input is a .txt/.md/.py file, a .jsonl file (one {"text": ...} per line) or a folder of them.
+An input is a file, a folder of files, a glob ('data/*.parquet') or a Hugging Face dataset saved with
+save_to_disk: .txt/.md/.rst/.py (one document), .jsonl/.json (one {"text": ...} per line), .parquet,
+.arrow, .csv (one document per row of column --text-key), each also as .gz/.zst/.xz/.bz2.
+--tokenizer takes any Hugging Face tokenizer.json; --eos-token/--bos-token name its special tokens.
 Without --tokenizer a byte-level BPE of --vocab-size is trained on the training documents first.
 --valid-fraction must be in (0, 1); a split that ends up empty anyway is warned about. Files of
 other suffixes in a folder are skipped; a binary file (NUL bytes, or over 1% of its bytes not
@@ -48,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--split-seed", type=int, default=0)
     ap.add_argument("--samples-per-shard", type=int, default=None)
-    ap.add_argument("--text-key", default="text", help="JSON field holding the text")
+    ap.add_argument("--text-key", default="text", help="JSON field or table column holding the text")
+    ap.add_argument("--eos-token", help="--tokenizer's end-of-document token (default: found by name)")
+    ap.add_argument("--bos-token", help="--tokenizer's begin-of-document token (default: by name, else eos)")
     ap.add_argument(
         "--on-binary", choices=ON_BINARY, default="error",
         help="a binary input file: stop with an error naming it (default) or skip and count it",
@@ -103,7 +108,8 @@ def _build(args: argparse.Namespace) -> Path:
         _sources(args), args.output, seq_length=args.seq_length, tokenizer=args.tokenizer,
         vocab_size=args.vocab_size, mode=args.mode, valid_fraction=args.valid_fraction,
         split_seed=args.split_seed, samples_per_shard=args.samples_per_shard, text_key=args.text_key,
-        on_binary=args.on_binary, log=lambda line: print(line, file=sys.stderr, flush=True),
+        on_binary=args.on_binary, eos_token=args.eos_token, bos_token=args.bos_token, progress=True,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
     )  # fmt: skip
 
 if __name__ == "__main__":

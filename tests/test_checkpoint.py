@@ -206,6 +206,7 @@ def test_resume_is_bit_exact(launched, spec):
     assert r["loader_state_is_set"] == spec.endswith("shards")  # the shard loader's position resumed
     assert r["export_equal"]
     assert r["export_dtypes"] == ["torch.float32"]  # bf16 runs too: their fp32 masters
+    assert r["export_is_not_rounded"] == spec.endswith(",bf16")  # ... not the bf16 weights cast up
 
 
 def test_corrupt_checkpoints_are_detected_and_the_previous_one_is_used(launched):

@@ -125,7 +125,13 @@ class ModelConfig(_Section):
     _section: ClassVar[str] = "model"
 
     arch: Arch = "retnet"  # retnet | transformer (causal) | sliding (block-windowed) | brt
-    vocab_size: int = 32000
+    # rows of the embedding and output layer; null: the data's tokenizer's id count padded up to a
+    # multiple of vocab_multiple, fixed at the first step (megaret/data/vocab.py)
+    vocab_size: int | None = None
+    vocab_multiple: int = 128  # what a null vocab_size is padded to (must be a multiple of parallel.tensor)
+    # ids the tokenizer produces (null: from the data): the logits of ids from here up to vocab_size
+    # (padding) are -inf, never predicted
+    tokenizer_vocab_size: int | None = None
     hidden_size: int = 2048
     num_layers: int = 24
     num_heads: int = 8
@@ -157,8 +163,13 @@ class ModelConfig(_Section):
         self._check_choices()
         self._positive(
             "vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size", "value_factor",
-            "chunk_size", "rotary_base", "norm_eps", "init_std", "block_size", "num_states",
+            "chunk_size", "rotary_base", "norm_eps", "init_std", "block_size", "num_states", "vocab_multiple",
+            "tokenizer_vocab_size",
         )  # fmt: skip
+        v, t = self.vocab_size, self.tokenizer_vocab_size
+        if v is not None and t is not None and t > v:
+            raise ConfigError(f"model.tokenizer_vocab_size={t} is above model.vocab_size={v}; raise "
+                              "model.vocab_size or set it to null")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
 
@@ -242,13 +253,15 @@ class DataConfig(_Section):
     reset_at_doc_boundaries: bool = False
     packing: Packing = "packed"  # packed: docs joined by <eos>; segments: document-ordered slots (stateful)
     default_corpus: DefaultCorpus = "small"  # size of the embedded corpus built when data.paths is empty
+    # vocabulary its tokenizer is trained to (null: model.vocab_size, or 32000 when that is null too)
+    default_corpus_vocab: int | None = None
     # default-corpus shards and fetched remote shards (None: ~/.cache/megaret/data)
     cache_dir: str | None = None
     source: DataSource = "shards"  # shards: the WebDataset shards above; synthetic: a toy bigram task (tests)
 
     def __post_init__(self) -> None:
         self._check_choices()
-        self._positive("seq_length")
+        self._positive("seq_length", "default_corpus_vocab")
         self._non_negative("num_workers")
         if self.weights is not None:
             if len(self.weights) != len(self.paths):
@@ -469,7 +482,7 @@ class Config:
             )
         for name in ("vocab_size", "ffn_hidden_size"):
             value = getattr(m, name)
-            if value % tp:
+            if value is not None and value % tp:  # a null vocab_size is checked when it is filled
                 raise ConfigError(
                     f"model.{name}={value} is not divisible by parallel.tensor={tp}; "
                     f"set model.{name} to a multiple of {tp} (e.g. {_next_multiple(value, tp)}) "

@@ -1,28 +1,23 @@
 """Text sources: documents with provenance, and the held-out validation split by document.
 
-A *source* is one input path: a ``.txt``/``.md``/``.py`` file (one document), a ``.jsonl`` file
-(one document per line, text under ``text_key``), or a folder of such files (walked in sorted
-order, so builds are reproducible). In a folder, files of other suffixes are skipped and counted
-(:class:`Skipped`). A text file holding a NUL byte or more than :data:`MAX_UNDECODABLE` of bytes
-that are not UTF-8 is binary: refused (``on_binary="error"``, a DataError naming it) or skipped
-and counted (``on_binary="skip"``). Each :class:`Document` carries a stable ``key`` (source name +
-relative path [+ line]) from which the validation split is derived by hashing: a document is in the
-validation split independently of which other documents exist, so adding data never moves an old
-document between splits.
+A *source* is one input: a file, a folder, a glob or a saved ``datasets`` dataset, read by
+:mod:`megaret.data.readers` (text, JSON lines, parquet, Arrow, CSV, each also compressed). In a
+folder, files of other suffixes are skipped and counted (:class:`Skipped`). A text file holding a NUL
+byte or more than :data:`MAX_UNDECODABLE` of bytes that are not UTF-8 is binary: refused
+(``on_binary="error"``, a DataError naming it) or skipped and counted (``on_binary="skip"``).
+Each :class:`Document` carries a stable ``key`` (source name + relative path [+ line or row]) from
+which the validation split is derived by hashing: a document is in the validation split
+independently of which other documents exist, so adding data never moves an old document between
+splits.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megaret.data.errors import DataError
-
-TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")
-JSONL_SUFFIXES = (".jsonl", ".json")
 ON_BINARY = ("error", "skip")
 #: a text file with more undecodable bytes than this share (or any NUL byte) is binary
 MAX_UNDECODABLE = 0.01
@@ -87,40 +82,6 @@ def binary_reason(data: bytes) -> str | None:
     return None
 
 
-def _read_text(path: Path, on_binary: str, rel: str, skipped: Skipped | None) -> str | None:
-    """The file's text (the few bytes that are not UTF-8 replaced), or None for a skipped binary."""
-    data = path.read_bytes()
-    why = binary_reason(data)
-    if why is None:
-        return data.decode("utf-8", errors="replace")
-    if on_binary == "error":
-        raise DataError(
-            f"input {path} is not text ({why.removeprefix('binary: ')}); remove it from the input "
-            "or pass --on-binary skip to skip and count such files"
-        )
-    if skipped is not None:
-        skipped.add(rel, "binary")
-    return None
-
-
-def _iter_jsonl(path: Path, name: str, rel: str, text_key: str) -> Iterator[Document]:
-    with path.open("rb") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)[text_key]
-            except (ValueError, KeyError, TypeError) as exc:
-                raise DataError(
-                    f"{path}:{lineno}: not a JSON object with a string {text_key!r} field ({exc}); "
-                    "fix the line or pass --text-key"
-                ) from exc
-            if not isinstance(text, str):
-                raise DataError(f"{path}:{lineno}: field {text_key!r} is {type(text).__name__}, not a string")
-            if text:
-                yield Document(f"{name}/{rel}:{lineno}", text, name)
-
-
 def iter_path(
     path: str | Path,
     name: str | None = None,
@@ -128,33 +89,10 @@ def iter_path(
     on_binary: str = "error",
     skipped: Skipped | None = None,
 ) -> Iterator[Document]:
-    """Documents of a text file, a JSON-lines file or a folder of them (sorted, recursive).
+    """Documents of one input: a file, a folder, a glob or a saved dataset (:mod:`megaret.data.readers`)."""
+    from megaret.data.readers import read_documents
 
-    Files a folder holds of other suffixes, and binary files under ``on_binary="skip"``, are
-    recorded in ``skipped``.
-    """
-    if on_binary not in ON_BINARY:
-        raise DataError(f"on_binary={on_binary!r} is not one of {', '.join(ON_BINARY)}")
-    p = Path(path)
-    name = name or p.name
-    if not p.exists():
-        raise DataError(f"input {p} does not exist; pass a folder of .txt files or a .jsonl file")
-    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
-    found = False
-    for f in files:
-        rel = f.name if f == p else f.relative_to(p).as_posix()
-        if f.suffix in JSONL_SUFFIXES:
-            found = True
-            yield from _iter_jsonl(f, name, rel, text_key)
-        elif f.suffix in TEXT_SUFFIXES or f == p:
-            found = True
-            text = _read_text(f, on_binary, rel, skipped)
-            if text:
-                yield Document(f"{name}/{rel}", text, name)
-        elif skipped is not None:
-            skipped.add(rel, f"unsupported suffix {f.suffix or '(none)'}")
-    if not found:
-        raise DataError(f"input {p} holds no {'/'.join(TEXT_SUFFIXES + JSONL_SUFFIXES)} files")
+    return read_documents(path, name, text_key, on_binary, skipped)
 
 
 def in_validation(key: str, fraction: float, seed: int = 0) -> bool:

@@ -26,10 +26,11 @@ def resolve_manifests(cfg: Any) -> list[str]:
     if cfg.data.paths:
         return list(cfg.data.paths)
     from megaret.data.default_corpus import ensure_default_shards
+    from megaret.data.vocab import default_corpus_vocab
 
     path = ensure_default_shards(
         cache_dir(cfg),
-        cfg.model.vocab_size,
+        default_corpus_vocab(cfg),
         cfg.data.seq_length,
         small=cfg.data.default_corpus == "small",
         mode=cfg.data.packing,
@@ -95,7 +96,7 @@ def check_vocab(s: ShardSet, vocab_size: int) -> None:
     if vocab > vocab_size:
         raise DataError(
             f"{s.location}: tokenizer has {vocab} ids but model.vocab_size={vocab_size}; "
-            f"set model.vocab_size >= {vocab}"
+            f"set model.vocab_size >= {vocab}, or model.vocab_size=null to size it from the tokenizer"
         )
 
 

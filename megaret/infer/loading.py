@@ -15,6 +15,7 @@ import torch
 
 from megaret.config import Config, load_config
 from megaret.data import Tokenizer, load_manifest, resolve_manifests
+from megaret.data.vocab import resolve_vocab
 from megaret.errors import UserError
 from megaret.models.spec import build_model
 from megaret.parallel.context import ParallelContext, build_parallel_context
@@ -30,7 +31,9 @@ def resolve_tokenizer(cfg: Config, explicit: str | None) -> Tokenizer:
     if explicit or cfg.data.tokenizer:
         return Tokenizer(explicit or cfg.data.tokenizer)
     manifest, loc = load_manifest(resolve_manifests(cfg)[0])
-    return Tokenizer(Path(loc).parent / manifest["tokenizer"]["file"])
+    info = manifest["tokenizer"]  # older manifests name no special tokens: found by name
+    return Tokenizer(Path(loc).parent / info["file"], eos_token=info.get("eos_token"),
+                     bos_token=info.get("bos_token"))
 
 
 def load_weights(model: torch.nn.Module, path: str | Path | dict, what: str = "--weights") -> None:
@@ -92,6 +95,15 @@ def load_model(config: str | None = None, weights: str | None = None, checkpoint
         raise InferenceError("give --config (with --weights or not) or --checkpoint")
     if cfg.parallel.tensor != 1 or cfg.parallel.pipeline != 1:
         raise InferenceError("inference runs one process: set parallel.tensor=1 parallel.pipeline=1")
+    if cfg.model.vocab_size is None:  # the checkpoint's, as training fixed it; else from the data
+        saved = ((manifest or {}).get("config") or {}).get("model") or {}
+        if saved.get("vocab_size") is None:
+            resolve_vocab(cfg)
+        else:
+            m = cfg.model
+            m.vocab_size = saved["vocab_size"]
+            m.tokenizer_vocab_size = m.tokenizer_vocab_size or saved.get("tokenizer_vocab_size")
+            cfg.validate()
     ctx = build_parallel_context(1, 1, seed=cfg.train.seed)
     model = build_model(cfg.model, megatron_config(cfg.model, cfg.parallel), ctx.tp).to(ctx.device)
     if state is not None:

@@ -29,6 +29,7 @@ Memory model (bytes per GPU; Psi = parameters on this rank, after TP and PP spli
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 from megaret.config import Config, ConfigError, ModelConfig
@@ -186,7 +187,15 @@ def activation_memory(cfg: Config, layout: Layout, stage: int) -> float:
 
 
 def make_plan(cfg: Config, check_fit: bool = True) -> Plan:
-    """Layout, parameters and memory of the configured launch; PlanError if it cannot divide or fit."""
+    """Layout, parameters and memory of the configured launch; PlanError if it cannot divide or fit.
+
+    A null model.vocab_size is filled as the trainer will (megaret/data/vocab.py) from the manifests of
+    data.paths; for the default corpus, not built here, from the size its tokenizer is trained to."""
+    if cfg.model.vocab_size is None:
+        from megaret.data.vocab import resolve_vocab
+
+        cfg = copy.deepcopy(cfg)
+        resolve_vocab(cfg, read_data=bool(cfg.data.paths) or cfg.data.source == "synthetic")
     layout = make_layout(cfg)
     z, prec = cfg.parallel.zero_stage, cfg.train.precision
     per_stage = stage_params(cfg.model, layout.tp, layout.pp, layout.vp)

@@ -233,12 +233,26 @@ class StagedLanguageModel(nn.Module):
         logits, loss = self.head(x, labels)
         return ModelOutput(logits, loss, next_state)
 
+    def mask_padding(self, logits: torch.Tensor) -> torch.Tensor:
+        """-inf at the padded ids (model.tokenizer_vocab_size and above) of this rank's vocabulary
+        slice (T, B, V / tp): they take no softmax mass in the loss and are never sampled."""
+        n, V = self.cfg.tokenizer_vocab_size, self.cfg.vocab_size
+        if n is None or n >= V:
+            return logits
+        width = logits.shape[-1]
+        first = self.tp.rank * width  # global id of this slice's first column
+        if first + width <= n:
+            return logits
+        padded = torch.arange(first, first + width, device=logits.device) >= n  # (V / tp,)
+        return logits.masked_fill(padded, float("-inf"))
+
     def head(self, x: torch.Tensor, labels: torch.Tensor | None
              ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(T, B, d) -> logits (B, T, V / tp) and, with labels (B, T), the per-token loss (B, T)."""
         x = self.final_norm(x)
         weight = self.embedding.weight if self.cfg.tie_embeddings else None
         logits, _ = self.output(x, weight=weight)  # (T, B, V / tp); gathers T under SP
+        logits = self.mask_padding(logits)
         loss = None
         if labels is not None:
             # The softmax runs in fp32 (or fp64 when the model does) whatever the activations.

@@ -1,7 +1,8 @@
 """Where a trainer starts: rank 0 looks at run.dir and decides before anything writes there.
 
 `plan_start(cfg, ctx)` runs on every rank after the run.dir lock is taken; rank 0 decides and
-broadcasts the decision (or the refusal: every rank raises it). In this order:
+broadcasts the decision (or the refusal: every rank raises it). First a null ``model.vocab_size`` is
+filled from the data's tokenizer (`megaret.data.vocab.resolve_vocab`, on every rank's config). Then:
 
 1. Unfinished saves (``checkpoints/.tmp-step_*``) are removed and a checkpoint an interrupted
    re-save had moved aside is put back (`files.recover`).
@@ -33,6 +34,7 @@ import torch.distributed as dist
 from megaret.checkpoint import files
 from megaret.checkpoint.identity import check_load, check_resume, run_identity
 from megaret.checkpoint.legacy import upgrade_manifest
+from megaret.data.vocab import apply_vocab_fields, resolve_vocab, vocab_fields
 from megaret.errors import UserError
 
 #: what run.overwrite=true moves aside (the lock file and other files, e.g. job logs, stay)
@@ -48,6 +50,7 @@ class Start:
     """What a trainer starts from (the same on every rank)."""
 
     identity: dict[str, Any]  # this run's identity record, written into its checkpoints
+    vocab: tuple | None = None  # model.vocab_size etc. as rank 0 filled them (megaret/data/vocab.py)
     checkpoint: Path | None = None  # the checkpoint to load; None: step 0 from scratch
     manifest: dict[str, Any] | None = None  # its verified manifest
     own: bool = True  # a checkpoint of this run.dir (a resume); False: checkpoint.load's
@@ -81,7 +84,9 @@ def plan_start(cfg: Any, ctx: Any) -> Start:
     error = None
     if ctx.rank == 0:
         try:
+            resolve_vocab(cfg)  # before the identity, which holds model.vocab_size
             box[0] = _plan(cfg)
+            box[0].vocab = vocab_fields(cfg)
         except UserError as exc:
             box[0] = exc
         except Exception as exc:  # noqa: BLE001 - a bug: rank 0 re-raises it, the others stop too
@@ -93,6 +98,7 @@ def plan_start(cfg: Any, ctx: Any) -> Start:
         raise error
     if isinstance(box[0], BaseException):
         raise box[0]
+    apply_vocab_fields(cfg, box[0].vocab)
     return box[0]
 
 

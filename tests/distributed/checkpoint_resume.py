@@ -122,8 +122,11 @@ def resume_check(work: Path, spec: str) -> dict:
         path = export(base / "run", work / f"export-{key}.pt")
         exported = torch.load(path, weights_only=True)
         tensors = {k: v for k, v in exported.items() if torch.is_tensor(v)}
-        # a bf16 run exports its fp32 masters: they round to the bf16 weights it trains with
-        out["export_equal"] = all_equal({k: v.to(params[k].dtype) for k, v in tensors.items()}, params)
+        # a bf16 run exports its fp32 masters: rounded to bf16 they are the weights it trains with
+        trained = torch.bfloat16 if spec.endswith(",bf16") else torch.float32
+        rounded = {k: v.to(trained).to(params[k].dtype) for k, v in tensors.items()}
+        out["export_equal"] = all_equal(rounded, params)
+        out["export_is_not_rounded"] = any(not torch.equal(v, params[k]) for k, v in tensors.items())
         out["export_dtypes"] = sorted({str(v.dtype) for v in tensors.values()})
         out["export_extra"] = sorted({repr(v) for k, v in exported.items() if k not in tensors})
         torch.save(params, work / f"gathered-{key}.pt")

@@ -18,7 +18,7 @@ from megaret.config.schema import OnCorrupt, choices
 from megaret.data.errors import DataError
 from megaret.data.shards.layout import is_remote, load_manifest, sha256_file, shard_location
 from megaret.data.shards.reader import ShardInfo, ShardSet
-from megaret.data.tokenizer import Tokenizer
+from megaret.data.tokenizer import Tokenizer, tokenizer_sha256
 
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
@@ -118,10 +118,11 @@ def open_split(
     if split not in manifest["splits"]:
         raise DataError(f"manifest {loc} has no split {split!r} (has {', '.join(manifest['splits'])})")
     if tokenizer is not None:
-        tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
-        if tok.sha256 != manifest["tokenizer"]["sha256"]:
+        path, sha = ((tokenizer.path, tokenizer.sha256) if isinstance(tokenizer, Tokenizer)
+                     else tokenizer_sha256(tokenizer))
+        if sha != manifest["tokenizer"]["sha256"]:
             raise DataError(
-                f"tokenizer {tok.path} (sha256 {tok.sha256[:12]}) does not match the one the shards of "
+                f"tokenizer {path} (sha256 {sha[:12]}) does not match the one the shards of "
                 f"{loc} were built with (sha256 {manifest['tokenizer']['sha256'][:12]}); "
                 "use that tokenizer.json or rebuild"
             )

@@ -141,6 +141,9 @@ def build_shards(
     text_key: str = "text",
     on_binary: str = "error",
     tokenizer_sample_bytes: int = 200_000_000,
+    eos_token: str | None = None,
+    bos_token: str | None = None,
+    progress: bool = False,
     log: Any = print,
 ) -> Path:
     """Tokenize ``sources`` into train/valid shards under ``out_dir``; return the manifest path.
@@ -149,7 +152,10 @@ def build_shards(
     ``tokenizer_sample_bytes`` of) the training documents first. ``valid_fraction`` must be in
     (0, 1); a split left empty anyway (too few documents or tokens) is logged as a warning
     (:func:`split_warnings`). ``on_binary``: refuse a binary input file ("error") or skip it
-    ("skip"); skipped files are counted per source in the manifest. The directory is written
+    ("skip"); skipped files are counted per source in the manifest. ``eos_token``/``bos_token`` name
+    a given tokenizer's end/begin-of-document tokens (default: found by common names, see
+    :class:`Tokenizer`). ``progress``: a tqdm bar (documents/s, tokens/s) while encoding, on
+    stderr. The directory is written
     under a temporary name and renamed at the end, so a crash never leaves a half-built
     manifest; a build that fails removes its temporary directory.
     """
@@ -175,6 +181,7 @@ def build_shards(
             tmp, sources, seq_length=seq_length, tokenizer=tokenizer, vocab_size=vocab_size, mode=mode,
             valid_fraction=valid_fraction, split_seed=split_seed, samples_per_shard=samples_per_shard,
             text_key=text_key, on_binary=on_binary, tokenizer_sample_bytes=tokenizer_sample_bytes, log=log,
+            specials={"eos_token": eos_token, "bos_token": bos_token}, progress=progress,
         )  # fmt: skip
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if out.exists() and not any(out.iterdir()):
@@ -186,6 +193,29 @@ def build_shards(
     for warning in split_warnings(manifest):
         log(f"warning: {warning}")
     return out / MANIFEST
+
+
+class _Progress:
+    """Documents and tokens encoded so far, shown as a tqdm bar with documents/s and tokens/s."""
+
+    def __init__(self, total: int, show: bool) -> None:
+        self.bar = None
+        if show:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="doc", desc="encoding", mininterval=1.0, smoothing=0.1)
+        self.tokens = 0
+
+    def add(self, docs: int, tokens: int) -> None:
+        self.tokens += tokens
+        if self.bar is not None and docs:
+            self.bar.update(docs)
+            rate = self.tokens / max(self.bar.format_dict["elapsed"], 1e-9)
+            self.bar.set_postfix_str(f"{self.tokens:,} tokens, {rate:,.0f} tokens/s", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def split_warnings(manifest: dict[str, Any]) -> list[str]:
@@ -218,6 +248,8 @@ def _build_into(
     on_binary: str,
     tokenizer_sample_bytes: int,
     log: Any,
+    specials: dict[str, str | None],
+    progress: bool,
 ) -> dict[str, Any]:
     """Write the tokenizer and both splits' shards into ``tmp``; return the manifest."""
     # pass 1: document keys -> validation split (by document, stable hash); skipped files counted
@@ -236,8 +268,10 @@ def _build_into(
         tok = tokenizer
         shutil.copy(tok.path, tmp / TOKENIZER_FILE)
     elif tokenizer is not None:
-        tok = Tokenizer(tokenizer)
+        tok = Tokenizer(tokenizer, **specials)
         shutil.copy(tok.path, tmp / TOKENIZER_FILE)
+        log(f"tokenizer {tok.path}: {tok.vocab_size} ids, end {tok.eos_token!r} (id {tok.eos_id}), begin "
+            f"{tok.bos_token!r} (id {tok.bos_id}), encoded with {tok.encoder}")
     else:
         from megaret.data.tokenizer import train_tokenizer
 
@@ -261,14 +295,18 @@ def _build_into(
         sp: _SplitWriter(tmp, sp, mode, seq_length, tok.dtype, tok, samples_per_shard) for sp in SPLITS
     }
     src_info = []
+    bar = _Progress(len(keys), progress)
     for s in sources:
         n_docs = {sp: 0 for sp in SPLITS}
         n_bytes = 0
         batch: list[Document] = []
 
         def flush(batch: list[Document]) -> None:
+            n_tokens = 0
             for d, ids in zip(batch, tok.encode_batch([d.text for d in batch]), strict=True):
                 writers["valid" if d.key in valid else "train"].add(ids)
+                n_tokens += len(ids)
+            bar.add(len(batch), n_tokens)
 
         for d in s.iter_documents(text_key, on_binary):
             n_docs["valid" if d.key in valid else "train"] += 1
@@ -289,6 +327,7 @@ def _build_into(
                 "skipped_files": skipped[s.name].summary(),
             }
         )
+    bar.close()
     splits = {sp: w.close() for sp, w in writers.items()}
     if splits["train"]["samples"] == 0:
         raise DataError(
@@ -298,7 +337,6 @@ def _build_into(
     return {
         "format": FORMAT, "version": VERSION, "mode": mode, "seq_length": seq_length,
         "sample_tokens": seq_length + 1, "dtype": tok.dtype,
-        "tokenizer": {"file": TOKENIZER_FILE, "sha256": tok.sha256, "vocab_size": tok.vocab_size,
-                      "bos_id": tok.bos_id, "eos_id": tok.eos_id},
+        "tokenizer": tok.describe(),
         "valid_fraction": valid_fraction, "split_seed": split_seed, "sources": src_info, "splits": splits,
     }  # fmt: skip
