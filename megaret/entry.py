@@ -36,7 +36,8 @@ def error_line(exc: BaseException) -> str:
 def report_user_error(exc: BaseException) -> None:
     if debug_enabled():
         traceback.print_exception(exc)
-    print(error_line(exc), file=sys.stderr, flush=True)
+    sys.stderr.write(error_line(exc) + "\n")  # one write: ranks sharing a log never interleave mid-line
+    sys.stderr.flush()
 
 
 def run_entry(body: Callable[[], T], cleanup: Callable[[], None] | None = None) -> T:

@@ -5,9 +5,9 @@ to a bridge in a switch namespace of its own (three or more), addressed on a pri
 subnet (169.254.77.0/24), so traffic between them stays on those links and never touches the
 machine's own interfaces. Each host has:
 
-- its own hostname (a UTS namespace per command) and hosts file (`/etc/netns/<ns>/hosts`, which
-  `ip netns exec` mounts over /etc/hosts): every host name resolves to its veth address, not to
-  Debian's 127.0.1.1, so `MASTER_ADDR=<host name>` works and `GLOO_SOCKET_IFNAME=eth0` is set;
+- its own hostname (a UTS namespace per command) and hosts file (`/etc/netns/<ns>/hosts`, bound
+  over /etc/hosts in the command's mount namespace): every host name resolves to its veth address,
+  not to Debian's 127.0.1.1, so `MASTER_ADDR=<host name>` works; `GLOO_SOCKET_IFNAME=eth0` is set;
 - its own data cache: a mount namespace binds `<root>/<host>/cache` over one shared path
   (`Hosts.cache`), so one `data.cache_dir=<Hosts.cache>` override is per host, as on real machines
   (the shard verification stamps are per machine);
@@ -21,6 +21,7 @@ namespaces left by a session that was itself killed (its pid is gone) are remove
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shlex
@@ -32,8 +33,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PREFIX = "mrhost"  # namespaces are named mrhost<pid>-<host>: the pid says whose they are
+PREFIX = "mrhost"  # namespaces are named mrhost<pid>.<n>-<host>: the pid says whose they are
 SUBNET = "169.254.77"
+_made = itertools.count()  # several sets of hosts may exist at once in one process
 IFACE = "eth0"
 
 
@@ -73,7 +75,7 @@ def remove_stale() -> list[str]:
     removed = []
     for line in _ip("netns", "list", check=False).stdout.splitlines():
         name = line.split()[0] if line.split() else ""
-        m = re.fullmatch(rf"{PREFIX}(\d+)-\S+", name)
+        m = re.fullmatch(rf"{PREFIX}(\d+)\.\d+-\S+", name)
         if m and not Path(f"/proc/{m.group(1)}").exists():
             _remove_netns(name)
             removed.append(name)
@@ -93,11 +95,13 @@ class Host:
 
     def command(self, argv: list[str]) -> list[str]:
         """argv run on this host: its network, hostname and cache mount, GLOO_SOCKET_IFNAME=eth0."""
-        setup = (f"hostname {shlex.quote(self.name)} && "
-                 f"mount --bind {shlex.quote(str(self.cache))} {shlex.quote(str(self.shared_cache))} && "
+        q = shlex.quote
+        setup = (f"hostname {q(self.name)} && mount --bind /etc/netns/{q(self.ns)}/hosts /etc/hosts && "
+                 f"mount --bind {q(str(self.cache))} {q(str(self.shared_cache))} && "
                  f'exec env GLOO_SOCKET_IFNAME={IFACE} "$@"')
-        return ["ip", "netns", "exec", self.ns, "unshare", "--uts", "--mount", "--propagation", "private",
-                "sh", "-c", setup, "sh", *argv]
+        # nsenter, not `ip netns exec`: that one remounts /sys, hiding the cgroup file systems slurmd needs
+        return ["nsenter", f"--net=/run/netns/{self.ns}", "unshare", "--uts", "--mount",
+                "--propagation", "private", "sh", "-c", setup, "sh", *argv]
 
     def popen(self, argv: list[str], **kwargs) -> subprocess.Popen:
         kwargs.setdefault("start_new_session", True)
@@ -154,7 +158,7 @@ def hosts(n: int, root: Path, names: list[str] | None = None) -> Iterator[Hosts]
         raise PermissionError("network namespaces need root")
     remove_stale()
     names = names or [f"node{i + 1}" for i in range(n)]
-    tag = f"{PREFIX}{os.getpid()}"
+    tag = f"{PREFIX}{os.getpid()}.{next(_made)}"
     made: list[str] = []
     shared_cache = root / "cache"
     shared_cache.mkdir(parents=True, exist_ok=True)
@@ -168,7 +172,6 @@ def hosts(n: int, root: Path, names: list[str] | None = None) -> Iterator[Hosts]
             etc = Path("/etc/netns") / ns
             etc.mkdir(parents=True, exist_ok=True)
             (etc / "hosts").write_text(_hosts_file(table))
-            (etc / "hostname").write_text(name + "\n")
             _ip("-n", ns, "link", "set", "lo", "up")
             cache = root / name / "cache"
             cache.mkdir(parents=True, exist_ok=True)
