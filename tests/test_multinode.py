@@ -108,7 +108,8 @@ class TwoHostRun:
         self.logs = {h.name: run_dir.parent / f"{tag}-{h.name}.log" for h in net}
         self.t0 = time.time()
         port = _port()
-        env = dict(ENV, **plan_env(**faults)) if faults else ENV
+        env = dict(ENV, LOGLEVEL="INFO")  # torchrun's agent logs when its rendezvous completes
+        env.update(plan_env(**faults) if faults else {})
         self.procs = {}
         for h in net:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "2",
@@ -200,18 +201,19 @@ def test_hosts_have_their_own_names_addresses_and_caches(net, tmp_path):
 def dp_across(net, data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("two-host-dp") / "run"
     run = TwoHostRun(net, run_dir, DP_ACROSS, data, "dp")
+    t_rdzv = max(run.wait_for(r"Rendezvous complete for workers", host=h.name) for h in net)
     t_world = run.wait_for(r"^parallel: world 4")
     rcs = run.wait()
     assert rcs == {"node1": 0, "node2": 0}, run.tails()
-    return run_dir, t_world, time.time() - run.t0
+    return run_dir, (t_rdzv, t_world, time.time() - run.t0)
 
 
 def test_torchrun_across_hosts_dp_across_equals_one_host(dp_across, reference_dp):
-    run_dir, t_world, total = dp_across
+    run_dir, (t_rdzv, t_world, total) = dp_across
     tensors, diff = assert_same_training(run_dir, reference_dp)
-    print(f"torchrun 2 hosts x 2 ranks (TP=2 in a host, DP=2 across): rendezvous -> all ranks up "
-          f"{t_world:.1f}s, launch -> done {total:.1f}s; {STEPS} losses and {tensors} final tensors equal "
-          f"the one-host run (max |diff| {diff})")
+    print(f"torchrun 2 hosts x 2 ranks (TP=2 in a host, DP=2 across): launch -> rendezvous complete on "
+          f"both agents {t_rdzv:.1f}s, -> all ranks connected {t_world:.1f}s, -> done {total:.1f}s; {STEPS} "
+          f"losses and {tensors} final tensors equal the one-host run (max |diff| {diff})")
 
 
 def test_one_manifest_lists_both_hosts_files_and_each_host_stamps_its_shards(dp_across, net, data):

@@ -17,6 +17,7 @@ newest checkpoint).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
@@ -25,6 +26,8 @@ from collections.abc import Iterable
 from datetime import timedelta
 
 from megaret.errors import PeerLost
+
+log = logging.getLogger("megaret.peers")
 
 #: transport failures of a collective (gloo, NCCL, the c10d store): a peer, its host or the link is gone
 _TRANSPORT = re.compile(
@@ -78,8 +81,12 @@ def announce(rank: int, world_size: int) -> None:
     """Record this rank's host and address in the job's store (once, after the rendezvous)."""
     if world_size <= 1 or "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
         return
-    store = _store(STORE_TIMEOUT_S)
-    store.set(f"{_prefix()}/host/{rank}", f"{socket.gethostname()} {_own_address(os.environ['MASTER_ADDR'])}")
+    try:
+        me = f"{socket.gethostname()} {_own_address(os.environ['MASTER_ADDR'])}"
+        _store(STORE_TIMEOUT_S).set(f"{_prefix()}/host/{rank}", me)
+    except Exception as exc:  # noqa: BLE001 - only the lost-peer line loses its host names
+        log.warning("could not record this rank's host in the job's store (%s): a lost peer will be named "
+                    "by rank only", exc)
 
 
 def _describe(ranks: Iterable[int], hosts: dict[int, str]) -> str:
