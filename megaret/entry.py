@@ -3,7 +3,8 @@
 ``run_entry(body)`` runs an entry point's body. A :class:`~megaret.errors.UserError` becomes one
 line ``megaret: error: <why and the fix>`` on stderr and exit status 2 (with ``MEGARET_DEBUG=1``
 the traceback is printed first); any other exception is a bug and keeps its traceback (exit 1).
-Every rank that raises prints its own line, so a multi-rank failure is visible from each log.
+A :class:`~megaret.errors.PeerLost` (a collective lost a rank, host or link) is one such line too, with
+exit status 76. Every rank that raises prints its own line, so a multi-rank failure is visible from each log.
 A KeyboardInterrupt (Ctrl-C where nothing else handles it; the trainer's second Ctrl-C) is one
 ``megaret: interrupted`` line and exit status 130.
 """
@@ -16,7 +17,7 @@ import traceback
 from collections.abc import Callable
 from typing import TypeVar
 
-from megaret.errors import ERROR_PREFIX, EXIT_INTERRUPTED, EXIT_USER, UserError
+from megaret.errors import ERROR_PREFIX, EXIT_INTERRUPTED, EXIT_PEER_LOST, EXIT_USER, PeerLost, UserError
 
 T = TypeVar("T")
 
@@ -35,7 +36,8 @@ def error_line(exc: BaseException) -> str:
 def report_user_error(exc: BaseException) -> None:
     if debug_enabled():
         traceback.print_exception(exc)
-    print(error_line(exc), file=sys.stderr, flush=True)
+    sys.stderr.write(error_line(exc) + "\n")  # one write: ranks sharing a log never interleave mid-line
+    sys.stderr.flush()
 
 
 def run_entry(body: Callable[[], T], cleanup: Callable[[], None] | None = None) -> T:
@@ -47,6 +49,9 @@ def run_entry(body: Callable[[], T], cleanup: Callable[[], None] | None = None) 
     except UserError as exc:
         report_user_error(exc)
         raise SystemExit(EXIT_USER) from None
+    except PeerLost as exc:  # a collective lost a peer: one line naming it, status 76
+        report_user_error(exc)
+        raise SystemExit(EXIT_PEER_LOST) from None
     except KeyboardInterrupt as exc:
         if debug_enabled():
             traceback.print_exception(exc)

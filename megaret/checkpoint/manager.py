@@ -3,8 +3,8 @@
 `CheckpointManager.save(step)` (all ranks) writes ``root/step_NNNNNNN`` atomically: the files go
 into ``.tmp-step_NNNNNNN-...``; each part saves itself there (the model part: DeepSpeed's files),
 the per-rank parts' states go into ``rank_NNNNN.pt``; after a barrier rank 0 writes the manifest
-(the shared parts' states, which rank wrote which rank file, sha256 of every file), renames the
-directory into place, updates ``latest`` and prunes (keep_last newest + every multiple of
+(the shared parts' states, which rank on which host wrote which rank file, sha256 of every file),
+renames the directory into place, updates ``latest`` and prunes (keep_last newest + every multiple of
 keep_every). A save that fails on any rank stops every rank (agreed after each phase), removes its
 directory and leaves every published checkpoint untouched; a full disk is one line naming it.
 
@@ -24,6 +24,7 @@ import errno
 import logging
 import os
 import shutil
+import socket
 import time
 from collections.abc import Collection
 from pathlib import Path
@@ -104,7 +105,8 @@ class CheckpointManager:
             except Exception as exc:  # noqa: BLE001
                 error = exc
         ranks: list[Any] = [None] * ctx.world_size
-        where = {"rank": ctx.rank, "tp_rank": ctx.tp.rank, "pp_rank": ctx.pp_rank, "dp_rank": ctx.dp_rank}
+        where = {"rank": ctx.rank, "tp_rank": ctx.tp.rank, "pp_rank": ctx.pp_rank, "dp_rank": ctx.dp_rank,
+                 "host": socket.gethostname()}  # which machine wrote this rank's files
         dist.all_gather_object(ranks, where)
         self._agree(step, tmp, error)  # every rank's files are complete
         if ctx.rank == 0:

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from megaret.config.schema import ConfigError
 from megaret.parallel.cpu_adapters import apply_cpu_adapters, seed_tensor_parallel_rng
 from megaret.parallel.launch_env import discover_launch_env, set_cuda_launch_env
+from megaret.parallel.peers import announce
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,7 @@ def build_parallel_context(
     tp_rank = ps.get_tensor_model_parallel_rank()
     seed_tensor_parallel_rng(seed, tp_rank)
     dist.barrier()  # every rank is connected before any may fail and leave (a peer would see a reset)
+    announce(dist.get_rank(), world)  # host and address in the job's store: a lost peer can be named
     return ParallelContext(
         world_size=world,
         rank=dist.get_rank(),

@@ -7,7 +7,8 @@ run.dir/logs/third_party-rank{N}.log (DeepSpeed's and other libraries' messages)
 run.dir/megaret.lock while it runs (one trainer per run.dir). A run.dir already trained to
 train.steps says so and exits 0, its config.yaml untouched.
 Exit status: 0 done, 1 internal error, 2 user error (one `megaret: error:` line), 75 stopped by
-USR1/USR2/TERM after checkpointing (run again to resume), 130 interrupted (Ctrl-C).
+USR1/USR2/TERM after checkpointing (run again to resume), 76 lost a peer (a rank, host or link died;
+one line names it; run again to resume), 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def _train(args: argparse.Namespace, stop: StopSignals, chatter: ThirdPartyLog) 
     cfg.validate_world(discover_launch_env().world_size)
     from megaret.parallel.agree import agree_or_raise
     from megaret.parallel.context import destroy_parallel_context
+    from megaret.parallel.peers import lost_peer_of
     from megaret.train.run_lock import release_held
     from megaret.train.trainer import Trainer  # imports DeepSpeed
 
@@ -63,6 +65,11 @@ def _train(args: argparse.Namespace, stop: StopSignals, chatter: ThirdPartyLog) 
                 trainer.train()
         finally:
             trainer.close()
+    except Exception as exc:
+        lost = lost_peer_of(exc)  # a collective lost a rank, host or link: one line naming it
+        if lost is None:
+            raise
+        raise lost from exc
     finally:
         release_held()  # also the lock of a Trainer that failed while being built
         destroy_parallel_context()
