@@ -50,7 +50,6 @@ class Start:
     """What a trainer starts from (the same on every rank)."""
 
     identity: dict[str, Any]  # this run's identity record, written into its checkpoints
-    vocab: tuple | None = None  # model.vocab_size etc. as rank 0 filled them (megaret/data/vocab.py)
     checkpoint: Path | None = None  # the checkpoint to load; None: step 0 from scratch
     manifest: dict[str, Any] | None = None  # its verified manifest
     own: bool = True  # a checkpoint of this run.dir (a resume); False: checkpoint.load's
@@ -58,6 +57,7 @@ class Start:
     step: int = 0  # the step training goes on from
     finished: bool = False  # already at or past train.steps: nothing to train
     messages: list[str] = field(default_factory=list)  # what rank 0 found, reported at load
+    vocab: tuple | None = None  # model.vocab_size etc. as rank 0 filled them (megaret/data/vocab.py)
 
     def load(self, checkpointer: Any) -> Path | None:
         """Load what was decided into the checkpoint manager's parts (every rank); returns the
