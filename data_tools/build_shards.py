@@ -1,6 +1,6 @@
 """Tokenize text into WebDataset token shards + manifest.json.
 
-    python data_tools/build_shards.py --input DIR_OR_FILE [--input ...] --output DIR \\
+    python data_tools/build_shards.py --input PATH [PATH ...] [--input ...] --output DIR \\
         [--seq-length 2048] [--vocab-size 32000 | --tokenizer tokenizer.json] [--mode packed|segments] \\
         [--valid-fraction 0.01] [--samples-per-shard N] [--name NAME --license TEXT] [--text-key text] \\
         [--on-binary error|skip] [--eos-token TOKEN --bos-token TOKEN]
@@ -33,10 +33,12 @@ from megaret.entry import run_entry  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--input", action="append", default=[], help="text file, .jsonl or folder (repeatable)")
-    ap.add_argument("--name", action="append", default=[], help="source name per --input (default: basename)")
+    ap.add_argument("--input", action="extend", nargs="+", default=[],
+                    help="files, folders, globs or saved datasets (several after one --input, or repeated)")
+    ap.add_argument("--name", action="extend", nargs="+", default=[],
+                    help="source name per input, in order (default: basename)")
     ap.add_argument(
-        "--license", action="append", default=[], help="license per --input (recorded in the manifest)"
+        "--license", action="extend", nargs="+", default=[], help="license per input (in the manifest)"
     )
     ap.add_argument(
         "--default-corpus", choices=("small", "full"), help="the embedded stdlib + Gutenberg corpus"

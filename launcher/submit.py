@@ -6,7 +6,8 @@
 
 The allocation comes from the config's `launch` section; the job runs `python -m megaret.train`
 with the same config and overrides in every task. Without a reachable SLURM (no sbatch, or
-sinfo fails) the run goes to the LocalExecutor, with a message. A layout that cannot divide or
+sinfo fails) a one-node config runs here (LocalExecutor, with a message) and a multi-node one is
+refused in one line naming the ways on (--dry-run; --local launch.nodes=1). A layout that cannot divide or
 cannot fit in launch.gpu_mem_gb, like a config error, is refused in one line (exit 2). With
 --wait the launcher exits with the job's own status: 0 done, 1 internal error, 2 user error,
 75 stopped for a requeue that never came, 130 interrupted (the table in README).
@@ -25,6 +26,20 @@ from megaret.launch import slurm
 from megaret.launch.plan import format_plan, make_plan
 
 
+class LaunchError(UserError, ValueError):
+    """This machine cannot start what the config asks for (one line naming the ways on)."""
+
+
+def refuse_multi_node(cfg, config: str, why: str) -> None:  # noqa: ANN001
+    """A config for several nodes never silently runs on one machine."""
+    launch = cfg.launch
+    if launch.nodes > 1:
+        raise LaunchError(
+            f"{why}, and {config} needs {launch.nodes} nodes x {launch.gpus_per_node} GPUs: submit it from "
+            f"a SLURM login node, see its plan with --dry-run, or run it here with --local launch.nodes=1 "
+            f"(and a layout that fits one machine)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -37,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--wait", action="store_true",
                         help="wait for the job and exit with its status (the table in README)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides before and after flags
     try:
         cfg = load_config(args.config, args.overrides)
         # the job may start elsewhere: hand it absolute paths
@@ -53,11 +68,18 @@ def main(argv: list[str] | None = None) -> int:
         print("\n# sbatch script (submitit)\n" + slurm.sbatch_script(cfg))
         return 0
     local = args.local
-    if not local:
-        ok, why = slurm.slurm_available()
-        if not ok:
-            print(f"no SLURM reachable ({why}): running here with submitit's LocalExecutor", flush=True)
-            local = True
+    try:
+        if not local:
+            ok, why = slurm.slurm_available()
+            if not ok:
+                refuse_multi_node(cfg, args.config, f"no SLURM found ({why})")
+                print(f"no SLURM reachable ({why}): running here with submitit's LocalExecutor", flush=True)
+                local = True
+        else:
+            refuse_multi_node(cfg, args.config, "--local runs on this machine only")
+    except UserError as exc:
+        report_user_error(exc)
+        return EXIT_USER
     print(format_plan(plan), flush=True)
     job = slurm.submit(cfg, str(Path(args.config).resolve()), overrides, local)
     print(f"submitted job {job.job_id} ({'local' if local else 'slurm'}), {plan.layout.world} task(s)")

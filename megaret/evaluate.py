@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--min-doc-tokens", type=int, default=2,
                         help="skip documents of at most this many tokens (--context: full-length only)")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides before and after flags
     with quiet_third_party():
         return run_entry(lambda: _evaluate(args), destroy_parallel_context)
 

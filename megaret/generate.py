@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> list[int]:
     parser.add_argument("--greedy", action="store_true", help="argmax decoding (no sampling)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.num_layers=4")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides before and after flags
     with quiet_third_party():  # stdout is the text alone (DeepSpeed warns there at import)
         return run_entry(lambda: _generate(args), destroy_parallel_context)
 

@@ -129,6 +129,23 @@ def test_no_sbatch_means_no_slurm(monkeypatch, tmp_path):
     assert slurm_available() == (False, "no sbatch on PATH")
 
 
+def test_the_headline_command_without_slurm_says_so_in_one_line(monkeypatch, tmp_path, capsys):
+    """configs/6.7b.yaml (4 nodes x 8 GPUs) on a machine without SLURM, or with --local: refused in
+    one line naming the ways on, before anything starts; overrides may follow the flags."""
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch
+    run_dir = tmp_path / "run"
+    assert submit_main()(["--config", "configs/6.7b.yaml", f"run.dir={run_dir}"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("megaret: error: no SLURM found (no sbatch on PATH), and configs/6.7b.yaml needs "
+                          "4 nodes x 8 GPUs") and "--dry-run" in err and "--local launch.nodes=1" in err
+    assert submit_main()(["--config", "configs/6.7b.yaml", "--local", f"run.dir={run_dir}"]) == 2
+    assert "--local runs on this machine only" in capsys.readouterr().err
+    assert not run_dir.exists()
+    assert submit_main()(["--config", "configs/6.7b.yaml", "--dry-run", "launch.nodes=2"]) == 0
+    assert "#SBATCH --nodes=2" in capsys.readouterr().out  # the override after --dry-run applied
+
+
 # ---------------------------------------------------------------------------------------------
 # real runs
 

@@ -29,7 +29,7 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="a YAML under configs/ (or a run dir)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides before and after flags
 
 
 def main(argv: list[str] | None = None) -> int:
