@@ -54,7 +54,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import OUT_DIR, emit, median, save_plot  # noqa: E402
+from bench.report import emit, median, out_path, save_plot  # noqa: E402
 
 
 def rss_bytes() -> int:
@@ -88,11 +88,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batches", type=int, nargs="*", default=[1, 8])
     ap.add_argument("--reps", type=int, default=7, help=f"timed steps per decoder (< {HEADROOM - 2})")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared machine)")
-    ap.add_argument("--plot", default=str(OUT_DIR / "decoding.png"), help="PNG path, or 'none'")
+    ap.add_argument("--plot", default=None, help="PNG, or 'none' (default: bench/out/, quick/ if --quick)")
     ap.add_argument("--cuda-graph", action="store_true",
                     help="also time RetNet's step replayed from a CUDA graph (retnet_graph; CUDA only)")
     add_device_args(ap)
     args = ap.parse_args(argv)
+    args.plot = args.plot or out_path(args.quick, "decoding.png")
     if args.quick:
         args.hidden, args.layers, args.heads, args.vocab = 256, 2, 4, 2048
         args.lengths, args.reps = [1024, 4096], 3

@@ -9,7 +9,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-OUT_DIR = Path(__file__).resolve().parent / "out"
+OUT_DIR = Path(__file__).resolve().parent / "out"  # the published full-run results README shows
+QUICK_DIR = OUT_DIR / "quick"  # --quick runs (CI, checking an install): scratch, git-ignored
+
+
+def out_path(quick: bool, name: str) -> str:
+    """Where a bench writes `name` by default: bench/out/ for a full run, bench/out/quick/ for a
+    --quick one, so a quick run never overwrites the published figures."""
+    return str((QUICK_DIR if quick else OUT_DIR) / name)
 
 
 def peak_rss_bytes() -> int:

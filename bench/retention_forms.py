@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import OUT_DIR, emit, median, save_plot  # noqa: E402
+from bench.report import emit, median, out_path, save_plot  # noqa: E402
 
 CHILD = r"""
 import json, resource, sys, time
@@ -135,9 +135,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-gb", type=float, default=10.0, help="address-space budget per point")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared machine)")
-    ap.add_argument("--plot", default=str(OUT_DIR / "retention_forms.png"), help="PNG path, or 'none'")
+    ap.add_argument("--plot", default=None, help="PNG, or 'none' (default: bench/out/, quick/ if --quick)")
     add_device_args(ap)
     args = ap.parse_args(argv)
+    args.plot = args.plot or out_path(args.quick, "retention_forms.png")
     dtype = None
     if args.device == "cuda" or args.dtype != "fp32":
         from bench.device import resolve

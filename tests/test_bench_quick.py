@@ -13,10 +13,13 @@ import pytest
 from tests.conftest import REPO
 
 
-def run_bench(script: str, tmp_path) -> tuple[dict, dict]:
-    png = tmp_path / f"{script}.png"
+def run_bench(script: str, tmp_path, default_plot: bool = False) -> tuple[dict, dict]:
+    """default_plot: no --plot, so the quick run's own default place (bench/out/quick/) is used."""
+    png = REPO / "bench" / "out" / "quick" / f"{script}.png" if default_plot else tmp_path / f"{script}.png"
+    published = REPO / "bench" / "out" / f"{script}.png"
+    before = published.read_bytes() if published.exists() else None
     proc = subprocess.run(
-        [sys.executable, f"bench/{script}.py", "--quick", "--plot", str(png)],
+        [sys.executable, f"bench/{script}.py", "--quick", *([] if default_plot else ["--plot", str(png)])],
         capture_output=True, text=True, cwd=REPO, timeout=240, env=dict(os.environ, PYTHONPATH=str(REPO)),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -26,11 +29,13 @@ def run_bench(script: str, tmp_path) -> tuple[dict, dict]:
     assert all("=" in p for p in last) and pairs["bench"] == script
     result = json.loads("\n".join(lines[:-1]))
     assert png.is_file() and png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+    # a quick run never writes over the published full-run figure README shows
+    assert (published.read_bytes() if published.exists() else None) == before
     return result, pairs
 
 
 def test_retention_forms_quick(tmp_path):
-    result, pairs = run_bench("retention_forms", tmp_path)
+    result, pairs = run_bench("retention_forms", tmp_path, default_plot=True)
     assert {"T", "speedup", "memory_ratio", "goal_speed_8x", "goal_memory_1_8"} <= set(pairs)
     rows = {r["T"]: r for r in result["table"]}
     # memory is measured, not timed: the quadratic form needs more than the chunkwise one at 2048
