@@ -525,10 +525,13 @@ class Config:
         if world_size <= 0:
             raise ConfigError(f"world size {world_size} must be > 0")
         if world_size % mp:
+            cp = p.context_parallel > 1  # named only where it is used
+            cp_name, cp_value, cp_fix = ("*parallel.context_parallel", f"*{p.context_parallel}",
+                                         " / parallel.context_parallel") if cp else ("", "", "")
             raise ConfigError(
-                f"world size {world_size} is not divisible by parallel.tensor*parallel.pipeline*"
-                f"parallel.context_parallel={p.tensor}*{p.pipeline}*{p.context_parallel}={mp}; launch a "
-                f"multiple of {mp} processes or change parallel.tensor / pipeline / context_parallel"
+                f"world size {world_size} is not divisible by parallel.tensor*parallel.pipeline{cp_name}="
+                f"{p.tensor}*{p.pipeline}{cp_value}={mp}; launch a multiple of {mp} processes or change "
+                f"parallel.tensor / parallel.pipeline{cp_fix}"
             )
         dp = world_size // mp
         if message := zero_pipeline_refusal(p.zero_stage, p.pipeline, self.optimizer.clip_grad):
