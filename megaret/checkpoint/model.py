@@ -57,7 +57,9 @@ class ModelOptimizer(Part):
     def here(self) -> dict[str, Any]:
         ctx = self.ctx
         return {"world_size": ctx.world_size, "tensor": ctx.tp.size, "pipeline": ctx.pp_size,
-                "virtual_pipeline": ctx.virtual_pipeline, "data": ctx.dp_size, "zero_stage": self.zero_stage}
+                "virtual_pipeline": ctx.virtual_pipeline,
+                # ZeRO's data-parallel size: DP x CP (CP shards no weights, only the sequence)
+                "data": ctx.dp_cp_size, "zero_stage": self.zero_stage}
 
     def _stored_names(self) -> dict[str, list]:
         """DeepSpeed's module key -> [full-model name, TP partition dim] of this rank's tensors."""
@@ -128,4 +130,4 @@ class ModelOptimizer(Part):
         load_resharded(self.engine, self.stages, ctx, state)
         self._start_counters()
         return (f"resharded {directory} from tensor={layout['tensor']} pipeline={layout['pipeline']} "
-                f"data={layout['data']} to tensor={ctx.tp.size} pipeline={ctx.pp_size} data={ctx.dp_size}")
+                f"data={layout['data']} to tensor={ctx.tp.size} pipeline={ctx.pp_size} data={ctx.dp_cp_size}")

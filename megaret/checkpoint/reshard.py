@@ -234,6 +234,6 @@ def full_optimizer_state(engine: Any, stages: list[torch.nn.Module], ctx: Any,
             src = zopt.optimizer.state[flat][key]
             lpa, hpa = hp.lp_fragment_address, hp.hp_fragment_address
             buf.narrow(0, lpa.start, lpa.numel).copy_(src.narrow(0, hpa.start, hpa.numel))
-        dist.all_reduce(buf, group=ctx.dp_group)
+        dist.all_reduce(buf, group=ctx.dp_cp_group)  # ZeRO's group (DP x CP)
         return buf.view(p.shape)
     return gather_full(stages, ctx, value_of)

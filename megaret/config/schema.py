@@ -206,6 +206,9 @@ class ParallelConfig(_Section):
     tensor: int = 1  # tensor-parallel size
     pipeline: int = 1  # pipeline stages
     virtual_pipeline: int | None = None  # model chunks per stage (interleaved schedule)
+    # context parallelism (megatron's context_parallel_size): each CP rank holds a contiguous slice of
+    # every sample; gradients are summed over DP x CP and ZeRO shards over DP x CP (as megatron's)
+    context_parallel: int = 1
     zero_stage: int = 1  # DeepSpeed ZeRO stage, 0..3
     sequence_parallel: bool = False  # Megatron sequence parallelism (needs tensor > 1)
     # torch.distributed backend: nccl = one GPU per rank; gloo = CPU ranks (tensors on the CPU);
@@ -214,7 +217,7 @@ class ParallelConfig(_Section):
 
     def __post_init__(self) -> None:
         self._check_choices()
-        self._positive("tensor", "pipeline", "virtual_pipeline")
+        self._positive("tensor", "pipeline", "virtual_pipeline", "context_parallel")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"parallel.zero_stage={self.zero_stage} is not one of 0, 1, 2, 3")
         if self.sequence_parallel and self.tensor <= 1:
@@ -232,8 +235,8 @@ class ParallelConfig(_Section):
 
     @property
     def model_parallel_size(self) -> int:
-        """Processes holding one replica of the model (tensor * pipeline)."""
-        return self.tensor * self.pipeline
+        """Processes that share one sample (tensor * pipeline * context_parallel)."""
+        return self.tensor * self.pipeline * self.context_parallel
 
 
 @dataclass
@@ -535,10 +538,13 @@ class Config:
         if world_size <= 0:
             raise ConfigError(f"world size {world_size} must be > 0")
         if world_size % mp:
+            cp = p.context_parallel > 1  # named only where it is used
+            cp_name, cp_value, cp_fix = ("*parallel.context_parallel", f"*{p.context_parallel}",
+                                         " / parallel.context_parallel") if cp else ("", "", "")
             raise ConfigError(
-                f"world size {world_size} is not divisible by parallel.tensor*parallel.pipeline="
-                f"{p.tensor}*{p.pipeline}={mp}; launch a multiple of {mp} processes or change "
-                "parallel.tensor / parallel.pipeline"
+                f"world size {world_size} is not divisible by parallel.tensor*parallel.pipeline{cp_name}="
+                f"{p.tensor}*{p.pipeline}{cp_value}={mp}; launch a multiple of {mp} processes or change "
+                f"parallel.tensor / parallel.pipeline{cp_fix}"
             )
         dp = world_size // mp
         if message := zero_pipeline_refusal(p.zero_stage, p.pipeline, self.optimizer.clip_grad):
@@ -548,7 +554,8 @@ class Config:
             raise ConfigError(
                 f"train.global_batch_size={t.global_batch_size} is not divisible by "
                 f"train.micro_batch_size*data-parallel size={t.micro_batch_size}*{dp}={per_step} "
-                f"(world {world_size} = tensor {p.tensor} x pipeline {p.pipeline} x data {dp}); "
+                f"(world {world_size} = tensor {p.tensor} x pipeline {p.pipeline} x context "
+                f"{p.context_parallel} x data {dp}); "
                 f"set train.global_batch_size to a multiple of {per_step} "
                 f"(e.g. {_next_multiple(t.global_batch_size, per_step)})"
             )

@@ -26,7 +26,8 @@ from megaret.ops import (
     retnet_log_decay,
 )
 from megaret.ops.retention_fla import check_kernel, chunk_retention_fla, uses_fla
-from megaret.parallel.context import TensorParallel
+from megaret.parallel.context import NO_CP, ContextParallel, TensorParallel
+from megaret.parallel.retention_cp import context_parallel_retention
 
 
 class MultiScaleRetention(nn.Module):
@@ -43,6 +44,7 @@ class MultiScaleRetention(nn.Module):
         kernel: RetentionKernel = "auto",
         rotary_base: float = 10000.0,
         norm_eps: float = 1e-6,
+        cp: ContextParallel = NO_CP,
     ) -> None:
         super().__init__()
         if num_heads % tp.size:
@@ -54,6 +56,7 @@ class MultiScaleRetention(nn.Module):
         check_kernel(kernel)
         self.kernel = kernel  # model.retention_kernel: what runs the chunk form
         self.norm_eps = norm_eps
+        self.cp = cp  # context parallel: this rank holds one slice of every sequence
         self.q_proj = column(hidden, hidden, config, tp)
         self.k_proj = column(hidden, hidden, config, tp)
         self.v_proj = column(hidden, value_factor * hidden, config, tp)
@@ -91,7 +94,16 @@ class MultiScaleRetention(nn.Module):
         k = self.rotary(k, position) * self.key_dim**-0.5
         log_decay = self.log_decay.to(q.dtype) if q.dtype == torch.float64 else self.log_decay
         reset = doc_start
-        if mode == "parallel":
+        if self.cp.size > 1:  # a slice of the sequence: the chosen form runs on it, the slices combine
+            if mode == "recurrent":
+                raise ValueError("retention_mode=recurrent (decoding) does not run under "
+                                 "parallel.context_parallel > 1")
+            chunk = chunk_retention_fla if uses_fla(self.kernel, q.device) else chunk_retention
+            if mode == "parallel":
+                chunk = lambda *a, chunk_size, reset: parallel_retention(*a, reset)  # noqa: E731
+            o, new_state = context_parallel_retention(chunk, q, k, v, log_decay, state, self.cp,
+                                                      chunk_size=self.chunk_size, reset=reset)
+        elif mode == "parallel":
             o, new_state = parallel_retention(q, k, v, log_decay, state, reset)
         elif mode == "chunk":
             chunk = chunk_retention_fla if uses_fla(self.kernel, q.device) else chunk_retention

@@ -22,7 +22,7 @@ from megaret.models.norms import build_norm
 from megaret.models.retention_layer import MultiScaleRetention
 from megaret.models.stage import StagedLanguageModel
 from megaret.models.state import StackState, tensor_bytes, to_device
-from megaret.parallel.context import TensorParallel
+from megaret.parallel.context import NO_CP, ContextParallel, TensorParallel
 
 __all__ = ["RetNet", "RetNetBlock", "RetNetState"]
 
@@ -62,13 +62,14 @@ class RetNetState(StackState):
 class RetNetBlock(nn.Module):
     """x + MSR(LN(x)), then + FFN(LN(.)), each branch with dropout."""
 
-    def __init__(self, cfg: ModelConfig, config: TransformerConfig, tp: TensorParallel) -> None:
+    def __init__(self, cfg: ModelConfig, config: TransformerConfig, tp: TensorParallel,
+                 cp: ContextParallel = NO_CP) -> None:
         super().__init__()
         self.retention_norm = build_norm(cfg.norm_type, cfg.hidden_size, cfg.norm_eps)
         self.retention = MultiScaleRetention(
             cfg.hidden_size, cfg.num_heads, cfg.value_factor, config, tp,
             chunk_size=cfg.chunk_size, decay_schedule=cfg.decay_schedule, kernel=cfg.retention_kernel,
-            rotary_base=cfg.rotary_base, norm_eps=cfg.norm_eps,
+            rotary_base=cfg.rotary_base, norm_eps=cfg.norm_eps, cp=cp,
         )
         self.ffn_norm = build_norm(cfg.norm_type, cfg.hidden_size, cfg.norm_eps)
         self.ffn = FeedForward(cfg.hidden_size, cfg.ffn_hidden_size, cfg.ffn_type, config, tp)
@@ -93,7 +94,7 @@ class RetNet(StagedLanguageModel):
     state_type = RetNetState
 
     def build_layer(self, index: int, config: TransformerConfig) -> nn.Module:
-        return RetNetBlock(self.cfg, config, self.tp)
+        return RetNetBlock(self.cfg, config, self.tp, self.cp)
 
     def layer_inputs(self, doc_start: torch.Tensor | None, retention_mode: str | None) -> tuple:
         """(retention form, doc_start): the form is retention_mode, else model.retention_mode; a

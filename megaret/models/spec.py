@@ -274,7 +274,34 @@ def _recurrent_layers(c: Config) -> str | None:
     return None
 
 
+def _context_split(c: Config) -> str | None:
+    cp, seq = c.parallel.context_parallel, c.data.seq_length
+    if seq % cp == 0:
+        return None
+    return (f"data.seq_length={seq} is not divisible by parallel.context_parallel={cp}: every CP rank holds "
+            f"an equal slice; set data.seq_length to a multiple (e.g. {_next_multiple(seq, cp)})")
+
+
+def _no_context_parallel(reason: str) -> Callable[[Config], str | None]:
+    def check(c: Config) -> str | None:
+        if c.parallel.context_parallel == 1:
+            return None
+        return (f"parallel.context_parallel={c.parallel.context_parallel} with model.arch={c.model.arch}: "
+                f"{reason}; set parallel.context_parallel=1 (or model.arch=retnet)")
+    return check
+
+
 _BLOCK_ALIGNED = Refusal(_block_aligned, ("data.seq_length=100", "model.block_size=16"))
+_CP_EXAMPLE = ("parallel.context_parallel=2",)
+# not yet: the attention archs need Ulysses all-to-all or ring attention (transformer) or the
+# previous rank's last block (sliding); BRT's recurrent layer runs sequentially across blocks, so
+# CP would pass its state rank after rank (no overlap): refused with that reason
+_CP_ATTENTION = Refusal(_no_context_parallel(
+    "context parallelism is implemented for retention only (attention would need an all-to-all or a ring "
+    "exchange of keys and values, not built yet)"), _CP_EXAMPLE)
+_CP_BRT = Refusal(_no_context_parallel(
+    "BRT's recurrent layer is sequential across blocks, so CP ranks would wait for each other's state one "
+    "after another (no parallel speed-up); use pipeline or tensor parallelism"), _CP_EXAMPLE)
 
 # the model fields every arch's weights depend on (shapes, tying, norms, rotary positions)
 _SHAPE = ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size", "ffn_type", "norm_type",
@@ -290,14 +317,16 @@ SPECS: dict[str, ArchSpec] = {
         prefill_form="chunk",
         step_form="recurrent",
         fixed_step_state=True,
-        refusals=(Refusal(_chunk_aligned, ("data.seq_length=100", "model.chunk_size=16")),),
+        refusals=(Refusal(_chunk_aligned, ("data.seq_length=100", "model.chunk_size=16")),
+                  Refusal(_context_split, ("data.seq_length=66", "model.chunk_size=2",
+                                           "parallel.context_parallel=4"))),
         identity_fields=(*_SHAPE, "value_factor", "decay_schedule"),
     ),
     "transformer": ArchSpec(
         name="transformer",
         model_class="megaret.models.transformer:Transformer",
         layers=lambda m, t: [attention_layer(m, t, None)] * m.num_layers,
-        refusals=(Refusal(_causal_segments, ("data.packing=segments",)),),
+        refusals=(Refusal(_causal_segments, ("data.packing=segments",)), _CP_ATTENTION),
         attention=("causal",),
         identity_fields=_SHAPE,
     ),
@@ -307,7 +336,7 @@ SPECS: dict[str, ArchSpec] = {
         layers=lambda m, t: [attention_layer(m, t, m.block_size)] * m.num_layers,
         build_kwargs=lambda m: {"window": m.block_size},
         carried_span=lambda m: m.block_size,
-        refusals=(_BLOCK_ALIGNED,),
+        refusals=(_BLOCK_ALIGNED, _CP_ATTENTION),
         attention=("block_window",),
         identity_fields=(*_SHAPE, "block_size"),
     ),
@@ -317,7 +346,7 @@ SPECS: dict[str, ArchSpec] = {
         layers=_brt_layers,
         carried_span=lambda m: m.block_size,  # plus the S recurrent states, which summarise the rest
         call_multiple=lambda m: m.block_size,
-        refusals=(Refusal(_recurrent_layers, ("model.recurrent_layers=[0,-3]",)), _BLOCK_ALIGNED),
+        refusals=(Refusal(_recurrent_layers, ("model.recurrent_layers=[0,-3]",)), _BLOCK_ALIGNED, _CP_BRT),
         attention=("block_window", "brt_state"),
         identity_fields=(*_SHAPE, "block_size", "num_states", "recurrent_layers", "gate_type", "state_skip"),
     ),

@@ -32,7 +32,7 @@ from torch import nn
 from megaret.config import ModelConfig
 from megaret.models.dropout import ResidualDropout
 from megaret.models.norms import RMSNorm, build_norm
-from megaret.parallel.context import TensorParallel
+from megaret.parallel.context import NO_CP, ContextParallel, TensorParallel
 
 
 @dataclass
@@ -75,9 +75,11 @@ class StagedLanguageModel(nn.Module):
         pre_process: bool = True,
         post_process: bool = True,
         layers: Sequence[int] | None = None,
+        cp: ContextParallel = NO_CP,
     ) -> None:
         super().__init__()
         self.cfg = cfg
+        self.cp = cp  # context parallel: this rank holds slice cp.rank of every sample (RetNet)
         self.config = config  # megatron-core schedules read model.config
         self.model_type = ModelType.encoder_or_decoder  # ... and model.model_type
         self.tp = tp
@@ -218,16 +220,18 @@ class StagedLanguageModel(nn.Module):
                   return_state: bool, *layer_args: Any) -> Any:
         """Embed (or take the previous stage's hidden states), run this stage's layers, each as
         layer(x, its state, position, *layer_args), and finish (see `forward`)."""
-        position = 0 if state is None else state.position
+        start = 0 if state is None else state.position  # the sequence's, also under context parallelism
+        x = self.embed(tokens)  # (T, B, d), or (T / tp, B, d) under sequence parallelism
+        t_local = self.sequence_length(tokens, x)  # this rank's slice of the sequence (all of it at CP=1)
+        position = start + self.cp.rank * t_local  # rotary angles stay global: slice r starts r * T_r in
         layer_states = [None] * len(self.layers) if state is None else state.layers
         if len(layer_states) != len(self.layers):
             raise ValueError(f"state has {len(layer_states)} layers; this model has {len(self.layers)}")
-        x = self.embed(tokens)  # (T, B, d), or (T / tp, B, d) under sequence parallelism
         new_states = []
         for layer, layer_state in zip(self.layers, layer_states, strict=True):
             x, s = self.run_layer(layer, x, layer_state, position, *layer_args)
             new_states.append(s)
-        next_state = self.state_type(new_states, position + self.sequence_length(tokens, x))
+        next_state = self.state_type(new_states, start + self.cp.size * t_local)
         if not self.post_process:
             return (x, next_state) if return_state else x
         logits, loss = self.head(x, labels)

@@ -31,8 +31,22 @@ class TensorParallel:
 
 
 @dataclass(frozen=True)
+class ContextParallel:
+    """What a context-parallel module needs: its group, size and rank. Each CP rank holds the
+    contiguous slice [rank * T / size, (rank + 1) * T / size) of every sample."""
+
+    group: dist.ProcessGroup | None
+    size: int
+    rank: int
+
+
+NO_CP = ContextParallel(None, 1, 0)
+
+
+@dataclass(frozen=True)
 class ParallelContext:
-    """Ranks and process groups of one process in a TP x PP x DP layout."""
+    """Ranks and process groups of one process in a TP x CP x DP x PP layout (megatron's
+    order tp-cp-ep-dp-pp: TP innermost, then CP, so a CP group spans neighbouring TP groups)."""
 
     world_size: int
     rank: int
@@ -47,6 +61,13 @@ class ParallelContext:
     dp_rank: int
     dp_group: dist.ProcessGroup | None
     virtual_pipeline: int | None = None
+    cp: ContextParallel = NO_CP
+    dp_cp_group: dist.ProcessGroup | None = None  # DP x CP: where gradients are summed, ZeRO shards
+
+    @property
+    def dp_cp_size(self) -> int:
+        """Ranks that see different tokens of one step: DP x CP (their gradients are summed)."""
+        return self.dp_size * self.cp.size
 
     @property
     def is_first_stage(self) -> bool:
@@ -136,8 +157,12 @@ def build_parallel_context(
     seed: int = 1234,
     backend: str = "auto",
     timeout_s: float = 1800.0,
+    context_parallel: int = 1,
 ) -> ParallelContext:
-    """Initialise distributed state for a TP x PP x DP layout and return the context.
+    """Initialise distributed state for a TP x CP x PP x DP layout and return the context.
+
+    `context_parallel` (parallel.context_parallel) is megatron's context_parallel_size: its
+    groups come from megatron-core's parallel_state, built once here.
 
     `backend` is parallel.backend (auto | nccl | gloo, `resolve_backend`); the CPU adapters for
     megatron-core are on exactly when the ranks run on the CPU. `timeout_s` (config
@@ -145,10 +170,12 @@ def build_parallel_context(
     from megatron.core import parallel_state as ps
 
     world = launch_world_size()
-    if world % (tensor * pipeline) != 0:  # before the rendezvous: every rank says so, none waits
+    model = tensor * pipeline * context_parallel
+    if world % model != 0:  # before the rendezvous: every rank says so, none waits
         raise ConfigError(
-            f"world size {world} is not divisible by parallel.tensor*parallel.pipeline="
-            f"{tensor}*{pipeline}; launch a multiple of {tensor * pipeline} processes or change the layout"
+            f"world size {world} is not divisible by parallel.tensor*parallel.pipeline*"
+            f"parallel.context_parallel={tensor}*{pipeline}*{context_parallel}; launch a multiple of "
+            f"{model} processes or change the layout"
         )
     device = init_distributed(backend, timeout_s=timeout_s)
     apply_cpu_adapters(device)
@@ -159,6 +186,7 @@ def build_parallel_context(
         tensor_model_parallel_size=tensor,
         pipeline_model_parallel_size=pipeline,
         virtual_pipeline_model_parallel_size=virtual_pipeline,
+        context_parallel_size=context_parallel,
         create_gloo_process_groups=False,
         distributed_timeout_minutes=timeout_s / 60,
     )
@@ -180,6 +208,8 @@ def build_parallel_context(
         dp_rank=ps.get_data_parallel_rank(),
         dp_group=ps.get_data_parallel_group(),
         virtual_pipeline=virtual_pipeline,
+        cp=ContextParallel(ps.get_context_parallel_group(), context_parallel, ps.get_context_parallel_rank()),
+        dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True),
     )
 
 
@@ -192,15 +222,16 @@ def destroy_parallel_context() -> None:
         dist.destroy_process_group()
 
 
-def dropout_seed_offset(dp_rank: int, pp_rank: int, pp_size: int) -> int:
-    """What a rank adds to train.seed for its dropout streams: 100 per (DP rank, stage) slot,
-    so no two (DP, PP) coordinates share a stream (and the TP streams, + 2718 + tp_rank, stay
-    apart for TP < 82)."""
-    return 100 * (dp_rank * pp_size + pp_rank)
+def dropout_seed_offset(dp_rank: int, pp_rank: int, pp_size: int, cp_rank: int = 0, cp_size: int = 1) -> int:
+    """What a rank adds to train.seed for its dropout streams: 100 per (DP rank, CP rank, stage)
+    slot, so no two (DP, CP, PP) coordinates share a stream (and the TP streams, + 2718 + tp_rank,
+    stay apart for TP < 82). CP=1 gives the offsets of a run without CP."""
+    return 100 * ((dp_rank * cp_size + cp_rank) * pp_size + pp_rank)
 
 
 def seed_dropout_streams(seed: int, ctx: ParallelContext) -> None:
     """Reseed this rank's default generator and megatron's tracker for dropout, once the model
     is built (its weights come from `seed` alone): the same streams on the TP peers of a DP rank
     and stage, different ones across DP ranks and stages (the rule: megaret/models/dropout.py)."""
-    seed_tensor_parallel_rng(seed + dropout_seed_offset(ctx.dp_rank, ctx.pp_rank, ctx.pp_size), ctx.tp.rank)
+    seed_tensor_parallel_rng(seed + dropout_seed_offset(ctx.dp_rank, ctx.pp_rank, ctx.pp_size, ctx.cp.rank,
+                                                          ctx.cp.size), ctx.tp.rank)

@@ -45,6 +45,21 @@ class Batch:
         return Batch(move(self.tokens), move(self.labels), move(self.loss_mask), move(self.doc_start),
                      move(self.reset))
 
+    def context_slice(self, size: int, rank: int) -> Batch:
+        """Context-parallel rank `rank` of `size`: the contiguous slice rank of every sample along T
+        (doc_start keeps its global meaning; reset (B,) concerns the sequence start and stays whole)."""
+        if size == 1:
+            return self
+        T = self.tokens.shape[1]
+        if T % size:
+            raise ValueError(f"sequence length {T} is not divisible by parallel.context_parallel={size}")
+        lo, hi = rank * T // size, (rank + 1) * T // size
+
+        def cut(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[:, lo:hi]
+
+        return Batch(cut(self.tokens), cut(self.labels), cut(self.loss_mask), cut(self.doc_start), self.reset)
+
     def split(self, size: int) -> list[Batch]:
         """Micro-batches of `size` rows (in order)."""
         parts = {name: (None if t is None else t.split(size)) for name, t in vars(self).items()}

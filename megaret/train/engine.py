@@ -43,9 +43,12 @@ class MegatronMPU:
     get_pipeline_model_parallel_rank = staticmethod(ps.get_pipeline_model_parallel_rank)
     get_pipeline_model_parallel_world_size = staticmethod(ps.get_pipeline_model_parallel_world_size)
     get_pipe_parallel_group = staticmethod(ps.get_pipeline_model_parallel_group)
-    get_data_parallel_group = staticmethod(ps.get_data_parallel_group)
-    get_data_parallel_rank = staticmethod(ps.get_data_parallel_rank)
-    get_data_parallel_world_size = staticmethod(ps.get_data_parallel_world_size)
+    # ZeRO's group is DP x CP (megatron's data-parallel group with context parallel): CP peers see
+    # different tokens of the same samples, so their gradients are reduced like DP's
+    get_data_parallel_group = staticmethod(lambda: ps.get_data_parallel_group(with_context_parallel=True))
+    get_data_parallel_rank = staticmethod(lambda: ps.get_data_parallel_rank(with_context_parallel=True))
+    get_data_parallel_world_size = staticmethod(
+        lambda: ps.get_data_parallel_world_size(with_context_parallel=True))
 
     @staticmethod
     def get_model_parallel_rank() -> int:
@@ -92,7 +95,8 @@ def build_stage_modules(cfg: Config, ctx: ParallelContext) -> list[nn.Module]:
     for v in range(vp):
         layers, pre, post = stage_layers(cfg.model.num_layers, ctx.pp_size, ctx.pp_rank, vp, v)
         torch.manual_seed(cfg.train.seed)  # every stage draws the same base seed as the full model
-        stage = build_model(cfg.model, config, ctx.tp, pre_process=pre, post_process=post, layers=layers)
+        stage = build_model(cfg.model, config, ctx.tp, pre_process=pre, post_process=post, layers=layers,
+                            **({"cp": ctx.cp} if ctx.cp.size > 1 else {}))
         stage.vp_stage = v if vp > 1 else None  # megatron's interleaved schedule checks it
         stage.recompute = cfg.train.recompute
         # the step function passes batch.doc_start to the model (resets inside packed samples)
@@ -129,7 +133,8 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict:
     return {**extra,
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": n_micro,
-        "train_batch_size": cfg.train.global_batch_size,
+        # DeepSpeed counts a sample once per DP x CP rank (each CP rank holds a slice of it)
+        "train_batch_size": cfg.train.global_batch_size * cfg.parallel.context_parallel,
         "zero_optimization": {"stage": zero_stage},
         "zero_allow_untested_optimizer": True,
         "gradient_clipping": float(cfg.optimizer.clip_grad),  # DeepSpeed would default to 1.0

@@ -138,9 +138,10 @@ def _global_mean(local: float, contributes: bool, ctx: ParallelContext) -> float
 
 
 def _dp_sum(value: float, ctx: ParallelContext) -> float:
+    """Summed over DP x CP: every rank that holds different tokens of the step."""
     t = torch.tensor([value], dtype=torch.float64, device=ctx.device)
-    if ctx.dp_size > 1:
-        dist.all_reduce(t, group=ps.get_data_parallel_group())
+    if ctx.dp_cp_size > 1:
+        dist.all_reduce(t, group=ps.get_data_parallel_group(with_context_parallel=True))
     return t.item()
 
 
@@ -173,8 +174,9 @@ def train_step(engine, stages: list[nn.Module], ctx: ParallelContext, batch: Bat
     """batch: (B, T) tensors, this DP rank's share of the global batch."""
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
+    batch = batch.context_slice(ctx.cp.size, ctx.cp.rank)  # this CP rank's slice of every sample
     micro = batch.to(ctx.device).split(micro_batch_size)
-    n_tokens = _dp_sum(float(batch.loss_mask.sum()), ctx)
+    n_tokens = _dp_sum(float(batch.loss_mask.sum()), ctx)  # the whole global batch's (DP x CP)
     scale = len(micro) * ctx.dp_size / max(n_tokens, 1.0)
     if zero_stage >= 2:
         if len(stages) != 1 or ctx.pp_size != 1:
@@ -186,7 +188,9 @@ def train_step(engine, stages: list[nn.Module], ctx: ParallelContext, batch: Bat
             if carry is not None:
                 carry.put(0, out.state)
             loss, _ = _loss_func(mb.loss_mask, scale, out.loss)
-            engine.backward(loss)  # scales by 1 / gradient_accumulation_steps
+            # scales by 1 / gradient_accumulation_steps; DeepSpeed averages over DP x CP, so CP's
+            # factor comes back here (megatron's schedule multiplies by it on the path below)
+            engine.backward(loss * ctx.cp.size)
             engine.step()  # steps only at the accumulation boundary (the last micro-batch)
             total += loss.item()
         local, holds_loss = total / len(micro), ctx.tp.rank == 0
@@ -197,8 +201,9 @@ def train_step(engine, stages: list[nn.Module], ctx: ParallelContext, batch: Bat
         engine.set_gradient_accumulation_boundary(False)
         losses = get_forward_backward_func()(
             forward_step_func=partial(_forward_step, scale, carry), data_iterator=data_iterator, model=model,
-            num_microbatches=len(micro), seq_length=batch.tokens.shape[1], micro_batch_size=micro_batch_size,
-            forward_only=False,
+            num_microbatches=len(micro), micro_batch_size=micro_batch_size, forward_only=False,
+            # the whole sample's length: megatron's schedule divides it by CP for the p2p shapes
+            seq_length=batch.tokens.shape[1] * ctx.cp.size,
         )
         allreduce_sequence_parallel_grads(stages, ctx)
         engine.set_gradient_accumulation_boundary(True)
@@ -220,7 +225,8 @@ def eval_step(stages: list[nn.Module], ctx: ParallelContext, batches: list[Batch
               carry: StateCarry | None = None) -> float:
     """Mean masked per-token loss over `batches` (this DP rank's shares; averaged over DP by
     token count): forward only, through the same megatron schedule, dropout off, no grad."""
-    micro = [mb for b in batches for mb in b.to(ctx.device).split(micro_batch_size)]
+    micro = [mb for b in batches for mb in b.context_slice(ctx.cp.size, ctx.cp.rank).to(ctx.device)
+             .split(micro_batch_size)]
     modes = [c.training for c in stages]
     for c in stages:
         c.eval()

@@ -46,7 +46,8 @@ class Trainer:
         p = cfg.parallel
         cfg.validate_world(launch_world_size())  # before the rendezvous: every rank refuses alike, none waits
         self.ctx = build_parallel_context(p.tensor, p.pipeline, p.virtual_pipeline, seed=cfg.train.seed,
-                                         backend=p.backend, timeout_s=cfg.train.collective_timeout_s)
+                                         backend=p.backend, timeout_s=cfg.train.collective_timeout_s,
+                                         context_parallel=p.context_parallel)
         self.run_lock = hold_run_dir(cfg.run.dir, self.ctx)  # one trainer per run.dir, before anything writes
         self.start = plan_start(cfg, self.ctx)  # what run.dir holds, checked: resume, load, fresh or done
         self.stages = build_stage_modules(cfg, self.ctx)
