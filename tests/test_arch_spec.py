@@ -113,7 +113,9 @@ def _exit_code(main, argv: list[str]) -> int:
 def test_no_arch_branches_outside_models():
     """What an arch is lives in its spec: no `arch ==` tests or model-class checks elsewhere."""
     pattern = re.compile(r"arch *(==|!=|in )|isinstance\([^)]*(RetNet|Transformer|BRT|KVCache)|_STATE_TYPES")
+    # megaret/hf/modeling is the standalone code an HF export carries: it cannot import the specs
+    skip = ("models", "config", "modeling")
     hits = [f"{p.relative_to(REPO)}:{i}: {line.strip()}"
-            for p in sorted((REPO / "megaret").rglob("*.py")) if p.parent.name not in ("models", "config")
+            for p in sorted((REPO / "megaret").rglob("*.py")) if p.parent.name not in skip
             for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
     assert not hits, "\n".join(hits)

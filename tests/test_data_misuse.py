@@ -150,13 +150,7 @@ def test_failed_export_leaves_no_temp_file(tmp_path, monkeypatch) -> None:
 
     from megaret import export as ex
 
-    class Spec:
-        def param_count(self, model):
-            return 4
-
-    monkeypatch.setattr(ex, "consolidate", lambda c: ({"w": torch.zeros(4)}, {}))
-    monkeypatch.setattr(ex, "checkpoint_config", lambda m: Config())
-    monkeypatch.setattr(ex, "arch_spec", lambda arch: Spec())
+    monkeypatch.setattr(ex, "export_weights", lambda c: ({"w": torch.zeros(4)}, {}, Config()))
 
     def disk_full(obj, path):
         Path(path).write_bytes(b"partial")

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from megaret.config.schema import ModelConfig
+from megaret.models.spec import arch_spec
 
 REMOTE_FILES = ("configuration_megaret.py", "modeling_megaret.py")
 AUTO_MAP = {"AutoConfig": "configuration_megaret.MegaretConfig",
@@ -40,14 +41,8 @@ class HFModel:
 
 
 def native_class(m: ModelConfig) -> str | None:
-    """The transformers class that computes model.* exactly, or None (remote code)."""
-    if m.arch != "transformer":
-        return None
-    if (m.norm_type, m.ffn_type) == ("layernorm", "gelu"):
-        return "GPTNeoXForCausalLM"
-    if (m.norm_type, m.ffn_type) == ("rmsnorm", "swiglu"):
-        return "LlamaForCausalLM"
-    return None
+    """The transformers class that computes model.* exactly, or None (remote code): the arch spec's."""
+    return arch_spec(m.arch).hf_native_class(m)
 
 
 def halves_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:

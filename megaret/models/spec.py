@@ -169,6 +169,9 @@ class ArchSpec:
     # the carried state keeps its shapes from one decoding step to the next, so a step can be
     # captured once as a CUDA graph and replayed (megaret/infer/cuda_graph.py)
     fixed_step_state: bool = False
+    # the transformers class that computes this model exactly (`megaret.export --format hf` writes it
+    # with no remote code), or None: the standalone modeling code of megaret/hf/modeling
+    hf_native_class: Callable[[ModelConfig], str | None] = lambda m: None
     refusals: tuple[Refusal, ...] = ()
     # the attention forms its layers run (README "Attention kernels"; the kernels are
     # megaret.ops.attention_backend's choice): "causal" (SDPA is_causal), "block_window" (blocks
@@ -308,6 +311,12 @@ _SHAPE = ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_hidden_si
           "tie_embeddings", "rotary_base")
 
 
+def _transformer_hf_class(m: ModelConfig) -> str | None:
+    """The LayerNorm/GELU baseline is GPT-NeoX, the RMSNorm/SwiGLU one Llama (rotary rows permuted)."""
+    return {("layernorm", "gelu"): "GPTNeoXForCausalLM",
+            ("rmsnorm", "swiglu"): "LlamaForCausalLM"}.get((m.norm_type, m.ffn_type))
+
+
 SPECS: dict[str, ArchSpec] = {
     "retnet": ArchSpec(
         name="retnet",
@@ -325,6 +334,7 @@ SPECS: dict[str, ArchSpec] = {
     "transformer": ArchSpec(
         name="transformer",
         model_class="megaret.models.transformer:Transformer",
+        hf_native_class=_transformer_hf_class,
         layers=lambda m, t: [attention_layer(m, t, None)] * m.num_layers,
         refusals=(Refusal(_causal_segments, ("data.packing=segments",)), _CP_ATTENTION),
         attention=("causal",),
