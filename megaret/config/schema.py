@@ -132,25 +132,25 @@ class ModelConfig(_Section):
     # ids the tokenizer produces (null: from the data): the logits of ids from here up to vocab_size
     # (padding) are -inf, never predicted
     tokenizer_vocab_size: int | None = None
-    hidden_size: int = 2048
-    num_layers: int = 24
-    num_heads: int = 8
-    ffn_hidden_size: int = 4096
-    ffn_type: FfnType = "gelu"
+    hidden_size: int = 2048  # model width d
+    num_layers: int = 24  # layers in the stack
+    num_heads: int = 8  # attention / retention heads (H)
+    ffn_hidden_size: int = 4096  # FFN inner width
+    ffn_type: FfnType = "gelu"  # gelu (2 matrices) | swiglu (3 matrices)
     value_factor: int = 2  # value / gate width = value_factor * hidden_size
     chunk_size: int = 256  # chunk length of the chunkwise retention form
-    retention_mode: RetentionMode = "chunk"
+    retention_mode: RetentionMode = "chunk"  # retention form for training: parallel | chunk | recurrent
     # what runs the chunk form: torch (megaret/ops/retention.py), fla (flash-linear-attention's
     # Triton kernel, megaret/ops/retention_fla.py; pip install 'megaret[gpu]'), or auto: fla on CUDA
     # when it is installed, else torch
     retention_kernel: RetentionKernel = "auto"
-    decay_schedule: DecaySchedule = "retnet"
-    rotary_base: float = 10000.0
-    norm_eps: float = 1e-6
-    dropout: float = 0.0
-    init_std: float = 0.02
-    tie_embeddings: bool = False
-    norm_type: NormType = "layernorm"
+    decay_schedule: DecaySchedule = "retnet"  # retention decays: retnet (1 - 2^(-5-h)) | loglinear
+    rotary_base: float = 10000.0  # rotary angle base
+    norm_eps: float = 1e-6  # epsilon of every norm
+    dropout: float = 0.0  # residual-branch dropout probability
+    init_std: float = 0.02  # std of the normal weight initialisation
+    tie_embeddings: bool = False  # share the embedding and output matrices
+    norm_type: NormType = "layernorm"  # layernorm | rmsnorm
     # sliding / brt: block length W; attention sees the previous block and the causal current one
     block_size: int = 512
     # brt only: the recurrent cell (data.seq_length is the segment, a multiple of block_size)
@@ -245,7 +245,7 @@ class DataConfig(_Section):
 
     _section: ClassVar[str] = "data"
 
-    seq_length: int = 2048
+    seq_length: int = 2048  # tokens per sample
     paths: list[str] = field(default_factory=list)  # empty: the embedded default corpus
     weights: list[float] | None = None  # sampling weight per path (same length as paths)
     tokenizer: str | None = None  # None: the default tokenizer
@@ -284,11 +284,11 @@ class OptimizerConfig(_Section):
 
     lr: float = 6e-4  # peak learning rate
     min_lr: float = 0.0  # floor of the decay
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    eps: float = 1e-8
-    weight_decay: float = 0.01
-    warmup_steps: int = 375
-    decay_style: DecayStyle = "polynomial"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])  # AdamW (beta1, beta2)
+    eps: float = 1e-8  # AdamW epsilon
+    weight_decay: float = 0.01  # AdamW decoupled weight decay (matrices only)
+    warmup_steps: int = 375  # linear warm-up steps from 0 to optimizer.lr
+    decay_style: DecayStyle = "polynomial"  # decay after warm-up: polynomial | cosine | constant | linear
     decay_power: float = 1.0  # exponent of the polynomial decay (1: linear, as RetNet's recipe)
     clip_grad: float = 2.0  # global gradient-norm clip (0 disables)
 
@@ -311,11 +311,11 @@ class TrainConfig(_Section):
     _section: ClassVar[str] = "train"
 
     steps: int = 25000  # optimizer steps
-    seed: int = 1234
+    seed: int = 1234  # seeds weights, data order and dropout
     micro_batch_size: int = 1  # sequences per rank per forward/backward
     global_batch_size: int = 8  # sequences per optimizer step, over all data-parallel ranks
-    precision: Precision = "bf16"
-    log_interval: int = 10
+    precision: Precision = "bf16"  # bf16 (fp32 masters and gradient accumulation) | fp32
+    log_interval: int = 10  # steps between console lines (their means) and TensorBoard flushes
     eval_interval: int = 1000  # 0 (or eval_steps=0): no evaluation, the valid split is not read
     eval_steps: int = 10  # 0 skips evaluation
     recompute: bool = False  # activation recomputation
@@ -360,7 +360,7 @@ class LoggingConfig(_Section):
 
     _section: ClassVar[str] = "logging"
 
-    tensorboard: bool = True
+    tensorboard: bool = True  # write run.dir/tensorboard
     profile: bool = False  # torch.profiler trace of a few steps under run.dir/tensorboard/profile
     # peak dense TFLOP/s of one device for MFU (None: known GPU models by name; else MFU is not logged)
     peak_tflops: float | None = None
@@ -375,16 +375,16 @@ class LaunchConfig(_Section):
 
     _section: ClassVar[str] = "launch"
 
-    nodes: int = 1
-    gpus_per_node: int = 8
+    nodes: int = 1  # SLURM nodes
+    gpus_per_node: int = 8  # GPUs per node
     tasks_per_node: int | None = None  # None: one task per GPU (= gpus_per_node)
-    cpus_per_task: int = 8
+    cpus_per_task: int = 8  # CPU cores per task
     mem_gb: int | None = None  # None: the partition's default
     time_min: int = 240  # wall-clock limit in minutes
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    constraint: str | None = None
+    partition: str | None = None  # SLURM partition (null: the cluster's default)
+    account: str | None = None  # SLURM account
+    qos: str | None = None  # SLURM QoS
+    constraint: str | None = None  # SLURM node constraint
     extra_sbatch: dict[str, str] = field(default_factory=dict)  # option -> value ("" for a bare flag)
     gpu_mem_gb: float = 80.0  # memory of one GPU: the launcher refuses a plan that would not fit
 
@@ -408,7 +408,7 @@ class RunConfig(_Section):
 
     _section: ClassVar[str] = "run"
 
-    dir: str = "runs/default"
+    dir: str = "runs/default"  # the run's directory: config, checkpoints, logs, TensorBoard
     name: str | None = None  # None: the last component of run.dir
     # with checkpoint.resume=false: start a run.dir that has checkpoints over, after moving its earlier
     # checkpoints, config and TensorBoard events to run.dir/replaced-<time>/ (nothing is deleted)

@@ -27,13 +27,27 @@ from megaret.train.signals import StopSignals
 def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="a YAML under configs/ (or a run dir)")
+    parser.add_argument("--config", help="a YAML under configs/ (or a run dir)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print every key with its value (default, or --config's), type and meaning")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
-    return parser.parse_intermixed_args(argv)  # overrides before and after flags
+    args = parser.parse_intermixed_args(argv)  # overrides before and after flags
+    if args.config is None and not args.print_config:
+        parser.error("the following arguments are required: --config")
+    return args
+
+
+def _print_config(config: str | None, overrides: list[str]) -> int:
+    from megaret.config.describe import format_config
+
+    print(format_config(load_config(config, overrides)))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = arguments(argv)
+    if args.print_config:
+        return run_entry(lambda: _print_config(args.config, args.overrides))
     # before anything slow (importing DeepSpeed, building the model, checking shards, resuming):
     # a stop signal is recorded and acted on at the first agreement point, not fatal, and
     # third-party chatter is held for the run's log instead of the console
