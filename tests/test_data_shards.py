@@ -11,8 +11,8 @@ import warnings
 import numpy as np
 import pytest
 
-from megaret.data.corpus import iter_path
 from megaret.data.errors import DataError
+from megaret.data.readers import read_documents as iter_path
 from megaret.data.shards import load_manifest, open_split, sha256_file
 from megaret.data.tokenizer import Tokenizer
 from tests.conftest import REPO

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 ON_BINARY = ("error", "skip")
 #: a text file with more undecodable bytes than this share (or any NUL byte) is binary
@@ -65,7 +64,9 @@ class Source:
         if self.documents is not None:
             yield from self.documents
         else:
-            yield from iter_path(self.path, self.name, text_key, on_binary, skipped)
+            from megaret.data.readers import read_documents  # readers imports this module
+
+            yield from read_documents(self.path, self.name, text_key, on_binary, skipped)
 
 
 def binary_reason(data: bytes) -> str | None:
@@ -80,20 +81,6 @@ def binary_reason(data: bytes) -> str | None:
     if bad > MAX_UNDECODABLE * len(data):
         return f"binary: {bad / len(data):.0%} of its bytes are not UTF-8"
     return None
-
-
-def iter_path(
-    path: str | Path,
-    name: str | None = None,
-    text_key: str = "text",
-    on_binary: str = "error",
-    skipped: Skipped | None = None,
-) -> Iterator[Document]:
-    """Documents of one input: a file, a folder, a glob or a saved dataset (:mod:`megaret.data.readers`)."""
-    from megaret.data.readers import read_documents
-
-    return read_documents(path, name, text_key, on_binary, skipped)
-
 
 def in_validation(key: str, fraction: float, seed: int = 0) -> bool:
     """Whether document ``key`` is held out: a hash of (seed, key) below ``fraction``."""
