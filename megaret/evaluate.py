@@ -82,7 +82,9 @@ def _evaluate(args: argparse.Namespace) -> dict:
     window = cfg.data.seq_length if args.chunk is None else args.chunk  # the evaluation window
     with progress:
         result = evaluate_documents(model, docs, args.context, window, device=ctx.device)
-        progress.close(f"{result.documents:,} documents, {result.tokens:,} tokens scored")
+        # nothing scored: the error below is the one line (no progress summary before it)
+        scored = f"{result.documents:,} documents, {result.tokens:,} tokens scored"
+        progress.close(scored if result.tokens else "")
     if not result.tokens:
         where = f"split {args.split!r} of {data}"
         why = (f"{where} holds no documents" if not seen else

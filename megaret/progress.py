@@ -66,7 +66,8 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
         what = summary if summary is not None else f"{self.count:,} {self.unit}"
-        print(f"{self.desc}: {what} in {self.seconds:.1f} s", file=self.stream, flush=True)
+        if what:  # an empty summary: the caller reports instead (e.g. an error line)
+            print(f"{self.desc}: {what} in {self.seconds:.1f} s", file=self.stream, flush=True)
 
     def __enter__(self) -> Progress:
         return self
