@@ -146,7 +146,7 @@ def test_kill9_and_fault_injection_resume_to_the_uninterrupted_weights(tmp_path)
     assert ref_w.keys() == w.keys() and len(w) > 0
     diff = max((w[k] - ref_w[k]).abs().max().item() for k in w)
     assert all(torch.equal(w[k], ref_w[k]) for k in w), f"max |diff| {diff}"
-    resumed = re.findall(r"resumed from \S+step_(\d+)", log.read_text())
+    resumed = re.findall(r"resumed from \S+step_(\d+) \(step", log.read_text())
     print(f"chaos: kills (delay s after the first step, latest checkpoint then) {kills}; "
           f"injected fault before publishing step {unpublished_step}; resumed from steps {resumed}; "
           f"final weights bit-identical ({len(w)} tensors); {time.time() - t_start:.0f}s")

@@ -396,7 +396,7 @@ def test_slurm_two_node_job_is_requeued_and_preempted_and_ends_as_the_one_host_r
     text = (logs / f"{job_id}_0_log.out").read_text(errors="replace") + \
         (logs / f"{job_id}_0_log.err").read_text(errors="replace")
     assert "task 2/4 on node2" in (logs / f"{job_id}_2_log.out").read_text(errors="replace")
-    resumed = [int(s) for s in re.findall(r"resumed from \S+step_(\d+)", text)]
+    resumed = [int(s) for s in re.findall(r"resumed from \S+step_(\d+) \(step", text)]
     assert resumed == resumed_at, (resumed, resumed_at, text[-3000:])  # no step lost or repeated
     losses, ref_losses = tensorboard_scalars(run_dir), tensorboard_scalars(reference_dp)
     assert set(losses) == set(ref_losses), (losses, ref_losses)  # a step run twice logged the same loss

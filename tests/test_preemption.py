@@ -147,7 +147,7 @@ def test_each_restart_resumed_from_a_checkpoint_and_usr2_saved_one(preempted_job
     run_dir, job_id = preempted_job["run_dir"], preempted_job["job_id"]
     text = (run_dir / "submitit" / f"{job_id}_0_log.out").read_text(errors="replace") + \
         (run_dir / "submitit" / f"{job_id}_0_log.err").read_text(errors="replace")
-    resumed = [int(s) for s in re.findall(r"resumed from \S+step_(\d+)", text)]
+    resumed = [int(s) for s in re.findall(r"resumed from \S+step_(\d+) \(step", text)]
     assert len(resumed) == 3 and resumed == sorted(resumed) and resumed[0] > 0, (resumed, text[-3000:])
     m = re.search(r"caught SIGUSR2: checkpoint of step (\d+) saved", text)
     assert m, text[-3000:]

@@ -505,11 +505,11 @@ def test_a_checkpoint_pruned_while_read_is_read_again(runs, monkeypatch, caplog)
     real = cons._consolidate
     calls = []
 
-    def pruned_under_us(ckpt):
+    def pruned_under_us(ckpt, *args):
         calls.append(ckpt.name)
         if len(calls) == 1:  # a live run removes it between the choice and the reading
             shutil.rmtree(ckpt)
-        return real(ckpt)
+        return real(ckpt, *args)
 
     monkeypatch.setattr(cons, "_consolidate", pruned_under_us)
     with caplog.at_level(logging.WARNING, logger="megaret.checkpoint"):
