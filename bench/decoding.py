@@ -54,7 +54,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import emit, median, out_path, save_plot  # noqa: E402
+from bench.report import add_out_arg, emit, median, out_path, save_plot  # noqa: E402
 
 
 def rss_bytes() -> int:
@@ -92,8 +92,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cuda-graph", action="store_true",
                     help="also time RetNet's step replayed from a CUDA graph (retnet_graph; CUDA only)")
     add_device_args(ap)
+    add_out_arg(ap)
     args = ap.parse_args(argv)
-    args.plot = args.plot or out_path(args.quick, "decoding.png")
+    args.plot = args.plot or out_path(args.quick, "decoding.png", args.out)
     if args.quick:
         args.hidden, args.layers, args.heads, args.vocab = 256, 2, 4, 2048
         args.lengths, args.reps = [1024, 4096], 3

@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import emit, median, out_path, save_plot  # noqa: E402
+from bench.report import add_out_arg, emit, median, out_path, save_plot  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ARCHS = {  # name -> (base config, label)
@@ -193,10 +193,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--runs", default=None, help="run directories go here")
     ap.add_argument("--plot", default=None)
     ap.add_argument("--json", default=None)
+    add_out_arg(ap)
     args = ap.parse_args(argv)
-    args.runs = args.runs or out_path(args.quick, "quality_runs")
-    args.plot = args.plot or out_path(args.quick, "quality.png")
-    args.json = args.json or out_path(args.quick, "quality.json")
+    args.runs = args.runs or out_path(args.quick, "quality_runs", args.out)
+    args.plot = args.plot or out_path(args.quick, "quality.png", args.out)
+    args.json = args.json or out_path(args.quick, "quality.json", args.out)
     if args.quick:
         args.seeds, args.steps, args.hidden, args.layers, args.heads = args.seeds[:1], 6, 32, 2, 2
         args.seq_length, args.block, args.states, args.batch, args.evals, args.eval_steps = 64, 16, 4, 2, 2, 1

@@ -3,6 +3,7 @@ name=value pairs that CI and the README quote."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import sys
@@ -13,10 +14,16 @@ OUT_DIR = Path(__file__).resolve().parent / "out"  # the published full-run resu
 QUICK_DIR = OUT_DIR / "quick"  # --quick runs (CI, checking an install): scratch, git-ignored
 
 
-def out_path(quick: bool, name: str) -> str:
-    """Where a bench writes `name` by default: bench/out/ for a full run, bench/out/quick/ for a
-    --quick one, so a quick run never overwrites the published figures."""
-    return str((QUICK_DIR if quick else OUT_DIR) / name)
+def add_out_arg(ap: argparse.ArgumentParser) -> None:
+    """`--out DIR`: where the bench writes its files (its own --plot/--json still win)."""
+    ap.add_argument("--out", default=None,
+                    help="folder for the plot and JSON (default: bench/out/, bench/out/quick/ with --quick)")
+
+
+def out_path(quick: bool, name: str, out: str | None = None) -> str:
+    """Where a bench writes `name` by default: `--out` if given, else bench/out/ for a full run and
+    bench/out/quick/ for a --quick one, so a quick run never overwrites the published figures."""
+    return str((Path(out) if out else QUICK_DIR if quick else OUT_DIR) / name)
 
 
 def peak_rss_bytes() -> int:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import emit, median, out_path, save_plot  # noqa: E402
+from bench.report import add_out_arg, emit, median, out_path, save_plot  # noqa: E402
 
 CHILD = r"""
 import json, resource, sys, time
@@ -137,8 +137,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared machine)")
     ap.add_argument("--plot", default=None, help="PNG, or 'none' (default: bench/out/, quick/ if --quick)")
     add_device_args(ap)
+    add_out_arg(ap)
     args = ap.parse_args(argv)
-    args.plot = args.plot or out_path(args.quick, "retention_forms.png")
+    args.plot = args.plot or out_path(args.quick, "retention_forms.png", args.out)
     dtype = None
     if args.device == "cuda" or args.dtype != "fp32":
         from bench.device import resolve

@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.report import emit, median, out_path, save_plot  # noqa: E402
+from bench.report import add_out_arg, emit, median, out_path, save_plot  # noqa: E402
 
 
 def arguments(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
@@ -52,8 +52,9 @@ def arguments(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared machine)")
     ap.add_argument("--plot", default=None, help="PNG, or 'none' (default: bench/out/, quick/ if --quick)")
     add_device_args(ap)
+    add_out_arg(ap)
     args = ap.parse_args(argv)
-    args.plot = args.plot or out_path(args.quick, "train_throughput.png")
+    args.plot = args.plot or out_path(args.quick, "train_throughput.png", args.out)
     if args.quick:
         args.hidden, args.vocab, args.lengths, args.reps = 64, 512, [512, 2048], 2
     return ap, args

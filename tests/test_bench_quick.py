@@ -13,13 +13,16 @@ import pytest
 from tests.conftest import REPO
 
 
-def run_bench(script: str, tmp_path, default_plot: bool = False) -> tuple[dict, dict]:
-    """default_plot: no --plot, so the quick run's own default place (bench/out/quick/) is used."""
-    png = REPO / "bench" / "out" / "quick" / f"{script}.png" if default_plot else tmp_path / f"{script}.png"
+def run_bench(script: str, tmp_path, where: str = "plot") -> tuple[dict, dict]:
+    """where: "plot" (--plot FILE), "out" (--out DIR) or "default" (neither: a quick run's own
+    default place, bench/out/quick/)."""
+    png = {"plot": tmp_path / f"{script}.png", "out": tmp_path / "out" / f"{script}.png",
+           "default": REPO / "bench" / "out" / "quick" / f"{script}.png"}[where]
+    args = {"plot": ["--plot", str(png)], "out": ["--out", str(png.parent)], "default": []}[where]
     published = REPO / "bench" / "out" / f"{script}.png"
     before = published.read_bytes() if published.exists() else None
     proc = subprocess.run(
-        [sys.executable, f"bench/{script}.py", "--quick", *([] if default_plot else ["--plot", str(png)])],
+        [sys.executable, f"bench/{script}.py", "--quick", *args],
         capture_output=True, text=True, cwd=REPO, timeout=240, env=dict(os.environ, PYTHONPATH=str(REPO)),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -35,7 +38,7 @@ def run_bench(script: str, tmp_path, default_plot: bool = False) -> tuple[dict, 
 
 
 def test_retention_forms_quick(tmp_path):
-    result, pairs = run_bench("retention_forms", tmp_path, default_plot=True)
+    result, pairs = run_bench("retention_forms", tmp_path, "default")
     assert {"T", "speedup", "memory_ratio", "goal_speed_8x", "goal_memory_1_8"} <= set(pairs)
     rows = {r["T"]: r for r in result["table"]}
     # memory is measured, not timed: the quadratic form needs more than the chunkwise one at 2048
@@ -43,7 +46,7 @@ def test_retention_forms_quick(tmp_path):
 
 
 def test_decoding_quick(tmp_path):
-    result, pairs = run_bench("decoding", tmp_path)
+    result, pairs = run_bench("decoding", tmp_path, "out")
     assert float(pairs["b1_retnet_memory_growth"]) == 1.0  # the recurrent state does not grow
     for row in result["table"]:
         assert row["bytes_ratio"] > 1 and row["transformer_state_mib"] > row["retnet_state_mib"]

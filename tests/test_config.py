@@ -399,16 +399,18 @@ def test_save_config_writes_run_dir_config_yaml(tmp_path):
 
 def test_print_config_lists_every_key_with_its_value_type_and_description(capsys):
     """`python -m megaret.train --print-config [--config X] [overrides]`: every key of the schema,
-    each with a one-line description taken from the schema's comments."""
+    each with a one-line description taken from the schema's comments, and its default where the
+    value differs."""
     from megaret.config.describe import config_rows
     from megaret.config.loader import _all_keys
     from megaret.train.__main__ import main
 
     rows = config_rows(load_config())
     assert [r[0] for r in rows] == _all_keys()
-    assert [key for key, _, _, doc in rows if not doc] == []  # a new key needs its comment in schema.py
+    assert [key for key, _, _, doc, _ in rows if not doc] == []  # a new key needs its comment in schema.py
+    assert all(value == default for _, value, _, _, default in rows)  # no --config: the defaults
     assert main(["--print-config", "--config", "configs/tiny.yaml", "train.steps=7"]) == 0
     out = capsys.readouterr().out
-    assert "train.steps = 7    (int)\n    optimizer steps" in out
+    assert "train.steps = 7    (int; default 25000)\n    optimizer steps" in out
     assert "model.arch = retnet    (one of retnet, transformer, sliding, brt)" in out
     assert out.count("\n    ") == len(rows)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -18,10 +19,14 @@ SCRIPTS = ("train", "generate", "evaluate", "export", "build-shards", "submit")
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
-    target = tmp_path_factory.mktemp("site")
-    build = tmp_path_factory.mktemp("build")
+    """pip builds in the source tree: it builds a copy (the package, pyproject.toml, README), so the
+    checkout gains no build/ or egg-info, and no file left in an old build/lib is installed."""
+    target, build, src = (tmp_path_factory.mktemp(n) for n in ("site", "build", "src"))
+    shutil.copytree(REPO / "megaret", src / "megaret", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(REPO)], check=True, capture_output=True, timeout=300,
+                    "--target", str(target), str(src)], check=True, capture_output=True, timeout=300,
                    env=dict(os.environ, TMPDIR=str(build)))
     return target
 

@@ -10,6 +10,8 @@ import logging
 import os
 import re
 import signal
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -52,6 +54,27 @@ def test_run_entry_user_error_is_one_line_and_ctrl_c_is_130(capsys, monkeypatch)
     with pytest.raises(SystemExit) as exit_:
         run_entry(interrupted)
     assert exit_.value.code == errors.EXIT_INTERRUPTED and capsys.readouterr().err == "megaret: interrupted\n"
+
+
+def test_a_reader_leaving_stdout_ends_quietly_and_other_broken_pipes_stay_errors():
+    """`python -m megaret.train --print-config | head -1`: no traceback, status 0. A BrokenPipeError
+    from any other pipe (a socket, a child's stdin) is not mistaken for it."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "megaret.train", "--print-config"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # the reader leaves before the listing is written (it is still importing)
+    assert proc.wait(timeout=120) == 0
+    assert proc.stderr.read() == b""
+
+    read, write = os.pipe()
+    os.close(read)
+
+    def other_pipe():
+        os.write(write, b"x")
+
+    with pytest.raises(BrokenPipeError):
+        run_entry(other_pipe)
+    os.close(write)
 
 
 def test_training_error_is_a_user_error():

@@ -174,6 +174,28 @@ def test_wait_gives_the_jobs_own_status_for_a_user_error(tmp_path, monkeypatch):
     assert "megaret: error: run.dir=/nowhere is not writable" in job.stderr()
 
 
+@pytest.mark.root_install
+def test_jobs_slurm_cannot_start_or_sbatch_refuses_are_one_line(local_slurm, tmp_path, capsys):
+    """The local SLURM has one node per partition (debug, the default, and high): the headline 4-node
+    config and an unknown partition are refused before sbatch (not left pending forever); a job
+    sbatch itself refuses ends in one `megaret: error:` line, no traceback and no job."""
+    main, run_dir = submit_main(), tmp_path / "run"
+    assert main(["--config", "configs/6.7b.yaml", f"run.dir={run_dir}"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("megaret: error: SLURM partition debug has 1 node(s), and "
+                                        "configs/6.7b.yaml needs 4 nodes x 8 GPUs: pick a partition"), err
+    assert len(err.splitlines()) == 1 and "--dry-run" in err
+    assert main(["--config", "configs/6.7b.yaml", "launch.partition=nope", f"run.dir={run_dir}"]) == 2
+    assert capsys.readouterr().err == ("megaret: error: SLURM has no partition nope (it has debug, high): "
+                                       "set launch.partition to one of them\n")
+    assert not run_dir.exists()
+    assert main(["--config", "configs/tiny.yaml", "launch.constraint=nosuchfeature", f"run.dir={run_dir}"]) \
+        == 2
+    out, err = capsys.readouterr()
+    assert "submitted job" not in out and "Traceback" not in err
+    assert err.splitlines()[-1].startswith("megaret: error: sbatch refused the job: ") and "feature" in err
+
+
 @pytest.fixture(scope="module")
 def slurm_run(local_slurm, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("slurm_run")

@@ -13,9 +13,10 @@ from tests.conftest import REPO
 
 def test_quality_quick(tmp_path):
     png, out = tmp_path / "quality.png", tmp_path / "quality.json"
+    names = ("quality.json", "quality.md", "quality.png")
+    published = {n: (REPO / "bench" / "out" / n).read_bytes() for n in names}
     proc = subprocess.run(
-        [sys.executable, "bench/quality.py", "--quick", "--plot", str(png), "--json", str(out),
-         "--runs", str(tmp_path / "runs")],
+        [sys.executable, "bench/quality.py", "--quick", "--out", str(tmp_path)],  # runs, plot, json, md
         capture_output=True, text=True, cwd=REPO, timeout=400, env=dict(os.environ, PYTHONPATH=str(REPO)),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -24,6 +25,9 @@ def test_quality_quick(tmp_path):
     pairs = dict(p.split("=", 1) for p in last)
     assert pairs["bench"] == "quality" and float(pairs["max_param_dev"]) <= 0.02
     result = json.loads(out.read_text())
+    assert out.with_suffix(".md").read_text().startswith("| model |") and (tmp_path / "quality_runs").is_dir()
+    # a quick run never writes over the published full-run results README shows
+    assert {n: (REPO / "bench" / "out" / n).read_bytes() for n in published} == published
     assert png.is_file() and png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
     assert "| model |" in proc.stdout  # the markdown table
     trained = {r["arch"] for r in result["table"]}

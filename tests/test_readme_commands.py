@@ -12,7 +12,8 @@ an entry whose command left README fails too, so README and this test cannot dri
 The runnable commands run in README order in one scratch folder (the user's checkout: configs/,
 the wrappers and the Makefile linked in, the inputs README's examples name created), the python
 entry points in one process (tests/cli_batch.py: the imports paid once; launcher/submit.py and
-data_tools/build_shards.py by their package module, the wrappers themselves run in test_cli.py),
+data_tools/build_shards.py by their package module; the wrappers themselves run in
+tests/test_launcher.py and tests/test_data_shards.py::test_cli),
 any other command (make -n, python -c) as its own process.
 """
 

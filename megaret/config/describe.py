@@ -1,6 +1,7 @@
 """`--print-config`: every key with its value (the default, or the --config file's and overrides'),
-its type and a one-line description. The descriptions are the comments beside (or just above) each
-field in megaret/config/schema.py: one source, read from the schema's own text."""
+its type, its default where the value differs, and a one-line description. The descriptions are the
+comments beside (or just above) each field in megaret/config/schema.py: one source, read from the
+schema's own text."""
 
 from __future__ import annotations
 
@@ -43,21 +44,26 @@ def field_descriptions(section: str) -> dict[str, str]:
     return out
 
 
-def config_rows(cfg: Config) -> list[tuple[str, str, str, str]]:
-    """(key, value, type, description) for every key, in the schema's order."""
+def config_rows(cfg: Config) -> list[tuple[str, str, str, str, str]]:
+    """(key, value, type, description, default) for every key, in the schema's order."""
+    defaults = Config()
     rows = []
     for section in SECTIONS:
-        values = getattr(cfg, section)
+        values, base = getattr(cfg, section), getattr(defaults, section)
         docs = field_descriptions(section)
         for name, tp in _field_types(section).items():
-            value = _show(getattr(values, name))
-            rows.append((f"{section}.{name}", value, _type_name(tp), docs.get(name, "")))
+            value, default = _show(getattr(values, name)), _show(getattr(base, name))
+            rows.append((f"{section}.{name}", value, _type_name(tp), docs.get(name, ""), default))
     return rows
 
 
 def format_config(cfg: Config) -> str:
-    """The `--print-config` text: one block per key."""
-    return "\n".join(f"{key} = {value}    ({tp})\n    {doc}" for key, value, tp, doc in config_rows(cfg))
+    """The `--print-config` text: one block per key (its default named where the value differs)."""
+    blocks = []
+    for key, value, tp, doc, default in config_rows(cfg):
+        kind = tp if value == default else f"{tp}; default {default}"
+        blocks.append(f"{key} = {value}    ({kind})\n    {doc}")
+    return "\n".join(blocks)
 
 
 def _show(value: Any) -> str:

@@ -36,7 +36,7 @@ from submitit.core.utils import FailedJobError, UncompletedJobError
 from submitit.helpers import Checkpointable, DelayedSubmission
 
 from megaret.config import Config, LaunchConfig
-from megaret.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USER
+from megaret.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USER, UserError
 from megaret.parallel.launch_env import set_cuda_launch_env
 
 #: The module whose `main(argv) -> int | None` the job runs (`python -m TRAIN_ENTRY --config ...`).
@@ -157,6 +157,31 @@ def slurm_available() -> tuple[bool, str]:
     return True, ""
 
 
+def partition_sizes() -> tuple[dict[str, int], str | None] | None:
+    """({partition: its node count}, the default partition) from `sinfo`, or None when it cannot
+    tell. sinfo prints a line per partition and node state; the default partition ends in `*`."""
+    try:
+        proc = subprocess.run(["sinfo", "-h", "-o", "%P %D"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if proc.returncode != 0:
+        return None
+    sizes: dict[str, int] = {}
+    default = None
+    for line in proc.stdout.splitlines():
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit():
+            continue
+        name = parts[0].rstrip("*")
+        default = name if parts[0].endswith("*") else default
+        sizes[name] = sizes.get(name, 0) + int(parts[1])
+    return (sizes, default) if sizes else None
+
+
+class SubmitError(UserError):
+    """sbatch refused the job (a partition, account, qos, constraint or limit SLURM does not accept)."""
+
+
 def make_executor(cfg: Config, local: bool) -> submitit.Executor:
     """SlurmExecutor from `launch`, or LocalExecutor (one node, the same tasks) on this machine."""
     folder = job_folder(cfg)
@@ -181,7 +206,16 @@ def submit(
 ) -> submitit.Job:
     """Submit the training job; the task gets the same config file and overrides."""
     executor = make_executor(cfg, local)
-    return executor.submit(TrainTask(config_path, overrides, entry))
+    try:
+        return executor.submit(TrainTask(config_path, overrides, entry))
+    except FailedJobError as exc:  # sbatch's own refusal (submitit raises it with sbatch's stderr)
+        if local:
+            raise
+        lines = [ln.strip().removeprefix("sbatch: error: ") for ln in str(exc).splitlines()]
+        why = "; ".join(ln for ln in lines if ln)
+        raise SubmitError(f"sbatch refused the job: {why}; check the launch section (launch.partition, "
+                          "launch.account, launch.qos, launch.constraint, launch.extra_sbatch; `sinfo` lists "
+                          "the partitions) and the sbatch script --dry-run prints") from None
 
 
 def job_exit_status(job: submitit.Job) -> tuple[int, str]:

@@ -7,7 +7,9 @@
 The allocation comes from the config's `launch` section; the job runs `python -m megaret.train`
 with the same config and overrides in every task. Without a reachable SLURM (no sbatch, or
 sinfo fails) a one-node config runs here (LocalExecutor, with a message) and a multi-node one is
-refused in one line naming the ways on (--dry-run; --local launch.nodes=1). A layout that cannot divide or
+refused in one line naming the ways on (--dry-run; --local launch.nodes=1); with SLURM, a job it
+could never start (more nodes than the partition has, no such partition) or one sbatch refuses is
+one line too. A layout that cannot divide or
 cannot fit in launch.gpu_mem_gb, like a config error, is refused in one line (exit 2). With
 --wait the launcher exits with the job's own status: 0 done, 1 internal error, 2 user error,
 75 stopped for a requeue that never came, 130 interrupted (the table in README).
@@ -38,6 +40,26 @@ def refuse_multi_node(cfg, config: str, why: str) -> None:  # noqa: ANN001
             f"{why}, and {config} needs {launch.nodes} nodes x {launch.gpus_per_node} GPUs: submit it from "
             f"a SLURM login node, see its plan with --dry-run, or run it here with --local launch.nodes=1 "
             f"(and a layout that fits one machine)")
+
+
+def refuse_small_partition(cfg, config: str) -> None:  # noqa: ANN001
+    """A job SLURM could never start (more nodes than its partition has, or no such partition) is
+    refused here, instead of pending forever (reason PartitionConfig) or failing in sbatch."""
+    known = slurm.partition_sizes()
+    launch = cfg.launch
+    if known is None or (launch.partition is not None and "," in launch.partition):
+        return  # sinfo cannot tell, or several partitions: SLURM picks
+    sizes, default = known
+    name = launch.partition or default
+    if launch.partition is not None and name not in sizes:
+        raise LaunchError(f"SLURM has no partition {name} (it has {', '.join(sorted(sizes))}): set "
+                          "launch.partition to one of them")
+    if name in sizes and sizes[name] < launch.nodes:
+        raise LaunchError(
+            f"SLURM partition {name} has {sizes[name]} node(s), and {config} needs {launch.nodes} nodes x "
+            f"{launch.gpus_per_node} GPUs: pick a partition that has them (launch.partition=..., `sinfo` "
+            "lists them), see its plan with --dry-run, or use fewer nodes (launch.nodes=N, a layout that "
+            "fits)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,13 +97,19 @@ def main(argv: list[str] | None = None) -> int:
                 refuse_multi_node(cfg, args.config, f"no SLURM found ({why})")
                 print(f"no SLURM reachable ({why}): running here with submitit's LocalExecutor", flush=True)
                 local = True
+            else:
+                refuse_small_partition(cfg, args.config)
         else:
             refuse_multi_node(cfg, args.config, "--local runs on this machine only")
     except UserError as exc:
         report_user_error(exc)
         return EXIT_USER
     print(format_plan(plan), flush=True)
-    job = slurm.submit(cfg, str(Path(args.config).resolve()), overrides, local)
+    try:
+        job = slurm.submit(cfg, str(Path(args.config).resolve()), overrides, local)
+    except UserError as exc:  # sbatch refused it
+        report_user_error(exc)
+        return EXIT_USER
     print(f"submitted job {job.job_id} ({'local' if local else 'slurm'}), {plan.layout.world} task(s)")
     print(f"logs        {job.paths.stdout}  {job.paths.stderr}  (per task: %t = task index)")
     print(f"run dir     {run_dir}")
