@@ -19,25 +19,27 @@ import torch.distributed as dist
 from megaret.checkpoint.files import CheckpointError
 from megaret.checkpoint.merge import tp_dim
 from megaret.checkpoint.parts import Part
-from megaret.checkpoint.reshard import RESHARDABLE_ZERO, load_resharded, training_state
+from megaret.checkpoint.reshard import holds_partitions, load_resharded, training_state
 from megaret.checkpoint.safe import install_safe_loading
 
 DS_TAG = "ds"  # DeepSpeed writes its files into <checkpoint>/ds/
 
 
-def check_layout(path: Path, saved: dict[str, Any], here: dict[str, Any]) -> bool:
-    """True when the saved layout differs from this run's (`here`: parallel sizes and ZeRO stage)
-    and can be resharded; raises for a change resharding cannot do."""
+def check_layout(path: Path, saved: dict[str, Any], here: dict[str, Any], precision: str = "fp32") -> bool:
+    """True when the saved layout differs from this run's (`here`: parallel sizes and ZeRO stage;
+    `precision`: this run's train.precision) and can be resharded; raises for a change resharding
+    cannot do."""
     diff = {k: (saved.get(k), v) for k, v in here.items() if saved.get(k) != v}
     if not diff:
         return False
     what = ", ".join(f"{k}: saved {a}, now {b}" for k, (a, b) in diff.items())
     old = (f"tensor={saved.get('tensor')}, pipeline={saved.get('pipeline')}, "
            f"virtual_pipeline={saved.get('virtual_pipeline')}, zero_stage={saved.get('zero_stage')}")
-    if saved.get("zero_stage") not in RESHARDABLE_ZERO or here["zero_stage"] not in RESHARDABLE_ZERO:
+    if not (holds_partitions(saved.get("zero_stage"), saved.get("precision"))
+            and holds_partitions(here["zero_stage"], precision)):
         raise CheckpointError(f"{path} was saved with another parallel layout ({what}); resharding needs "
-                              f"ZeRO-1/2 on both sides: resume with the saved layout ({old}) or set "
-                              "parallel.zero_stage=1 on both runs")
+                              f"ZeRO-1/2 (bf16: ZeRO-0 too) on both sides: resume with the saved layout "
+                              f"({old}) or set parallel.zero_stage=1 on both runs")
     return True
 
 
@@ -99,7 +101,7 @@ class ModelOptimizer(Part):
     def load(self, directory: Path, layout: dict[str, Any] | None) -> str | None:
         if layout is None:
             raise CheckpointError(f"{directory} holds no model layout")
-        if check_layout(directory, layout, self.here()):
+        if check_layout(directory, layout, self.here(), self.precision):
             return self._reshard(directory, layout)
         weights_only = self.load_mode == "weights"
         load_path, _ = self.engine.load_checkpoint(
