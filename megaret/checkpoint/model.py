@@ -6,7 +6,8 @@ the manifest under "model", is the layout that describes those files: the parall
 stage and precision, which (tp_rank, pp_rank) each ``mp_rank_XX`` is, and for each of its stored
 names the full-model name and TP partition dim (what offline consolidation and resharding need).
 DeepSpeed reads its files through `megaret.checkpoint.safe.safe_load` (weights_only). A
-checkpoint of another layout is resharded (`megaret.checkpoint.reshard`).
+checkpoint of another layout is resharded (`megaret.checkpoint.reshard`); so is one saved with
+separate projections the model now fuses, converted on the way (`megaret.checkpoint.upgrade`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from megaret.checkpoint.merge import tp_dim
 from megaret.checkpoint.parts import Part
 from megaret.checkpoint.reshard import holds_partitions, load_resharded, training_state
 from megaret.checkpoint.safe import install_safe_loading
+from megaret.checkpoint.upgrade import fuse_state, holds_separate, separate_names
+from megaret.models.fused import FusedRows
 
 DS_TAG = "ds"  # DeepSpeed writes its files into <checkpoint>/ds/
 
@@ -48,9 +51,11 @@ class ModelOptimizer(Part):
 
     shared = True
 
-    def __init__(self, engine: Any, stages: list[Any], ctx: Any, zero_stage: int, precision: str) -> None:
+    def __init__(self, engine: Any, stages: list[Any], ctx: Any, zero_stage: int, precision: str,
+                 fused: tuple[FusedRows, ...] = ()) -> None:
         self.engine, self.stages, self.ctx = engine, stages, ctx
         self.zero_stage, self.precision = zero_stage, precision
+        self.fused = fused  # the model's fused projections (its arch spec's fused_weights)
         # what load() takes: "all" (weights, optimizer state, DeepSpeed's counters: a resume),
         # "weights+optimizer" (the counters start at 0) or "weights" (fresh optimizer state)
         self.load_mode = "all"
@@ -101,6 +106,9 @@ class ModelOptimizer(Part):
     def load(self, directory: Path, layout: dict[str, Any] | None) -> str | None:
         if layout is None:
             raise CheckpointError(f"{directory} holds no model layout")
+        saved = [name for per_mp in layout["params"].values() for name, _ in per_mp.values()]
+        if holds_separate(saved, self.fused):
+            return self._convert(directory, layout)
         if check_layout(directory, layout, self.here(), self.precision):
             return self._reshard(directory, layout)
         weights_only = self.load_mode == "weights"
@@ -120,11 +128,24 @@ class ModelOptimizer(Part):
                 if hasattr(self.engine, name):
                     setattr(self.engine, name, 0)
 
+    def _convert(self, directory: Path, layout: dict[str, Any]) -> str:
+        """A checkpoint saved with separate projections the model now fuses: through the layout-free
+        training state (fp32 masters and Adam moments regrouped), on any layout it could reshard to."""
+        if not holds_partitions(layout.get("zero_stage"), layout.get("precision")):
+            raise CheckpointError(
+                f"{directory} holds separate retention q/k/v/g projections (saved before they were fused "
+                f"into qkvg_proj) at parallel.zero_stage={layout.get('zero_stage')} "
+                f"({layout.get('precision')}), whose optimizer files cannot be converted: resume it with "
+                "the megaret that saved it (its weights still convert: python -m megaret.export)")
+        check_layout(directory, layout, self.here(), self.precision)  # refuses what cannot reshard
+        message = self._reshard(directory, layout)
+        return f"{message}; its separate q/k/v/g projections fused into qkvg_proj"
+
     def _reshard(self, directory: Path, layout: dict[str, Any]) -> str:
         """Full fp32 weights and Adam moments rebuilt from the saved ZeRO shards, cut for this rank."""
         ctx = self.ctx
         names = {stage.global_name(n) for stage in self.stages for n, _ in stage.named_parameters()}
-        state = training_state(directory, layout, names)
+        state = fuse_state(training_state(directory, layout, separate_names(names, self.fused)), self.fused)
         if self.load_mode == "weights":  # the fp32 masters only: fresh Adam moments and step
             state.moments, state.step = {}, None
         if self.load_mode != "all":
