@@ -137,9 +137,10 @@ class ModelOptimizer(Part):
                 f"into qkvg_proj) at parallel.zero_stage={layout.get('zero_stage')} "
                 f"({layout.get('precision')}), whose optimizer files cannot be converted: resume it with "
                 "the megaret that saved it (its weights still convert: python -m megaret.export)")
-        check_layout(directory, layout, self.here(), self.precision)  # refuses what cannot reshard
+        moved = check_layout(directory, layout, self.here(), self.precision)  # refuses what cannot reshard
         message = self._reshard(directory, layout)
-        return f"{message}; its separate q/k/v/g projections fused into qkvg_proj"
+        what = message if moved else f"converted {directory}"
+        return f"{what}: its separate q/k/v/g projections fused into qkvg_proj"
 
     def _reshard(self, directory: Path, layout: dict[str, Any]) -> str:
         """Full fp32 weights and Adam moments rebuilt from the saved ZeRO shards, cut for this rank."""
