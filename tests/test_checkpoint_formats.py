@@ -39,6 +39,8 @@ def test_format1_checkpoint_resumes_weights_carried_state_and_trajectory(legacy)
     assert r["saved_format"] == 1 and r["resumed_from"] == "step_0000003" and r["step"] == 3
     assert r["params_equal"]  # the weights equal the fixture's consolidated ones
     assert r["carried_equal"]  # the carried RetNet state (data.packing=segments) came back
+    # saved with separate retention q/k/v/g projections: converted to the fused qkvg_proj on load
+    assert any(m.startswith("converted ") and "fused into qkvg_proj" in m for m in r["messages"])
     # steps 4 and 5 go on as the old code went on (same weights, moments, RNG and carried state)
     assert r["losses"] == pytest.approx(r["expected_losses"], rel=1e-5, abs=0)
 

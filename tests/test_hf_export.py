@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from megaret.checkpoint.consolidate import export_weights
+from megaret.checkpoint.consolidate import checkpoint_config, export_weights
 from megaret.checkpoint.files import resolve, verify
 from megaret.checkpoint.reshard import consolidate_training_state
 from megaret.data import Tokenizer, open_split
@@ -33,7 +33,7 @@ from megaret.hf.write import export_dir
 from megaret.infer.decoding import generate
 from megaret.infer.loading import load_weights
 from megaret.infer.perplexity import evaluate_documents, iter_documents
-from megaret.models.spec import build_model
+from megaret.models.spec import arch_spec, build_model
 from megaret.parallel.megatron_config import megatron_config
 from tests.conftest import REPO
 from tests.data_fixtures import build_tiny
@@ -144,8 +144,12 @@ def test_bf16_run_exports_the_fp32_masters(trained):
     """RetNet trained in bf16: the export holds the optimizer's fp32 masters, not the bf16 weights."""
     from safetensors.torch import load_file
 
+    from megaret.checkpoint.upgrade import split_named
+
     ckpt = resolve(trained.root / "retnet")
     masters = consolidate_training_state(ckpt, verify(ckpt)).params
+    m = checkpoint_config(verify(ckpt)).model  # the remote code's separate q/k/v/g projections:
+    masters = split_named(masters, arch_spec("retnet").fused_weights(m))  # the fused one split
     exported = load_file(str(trained.out["retnet"] / "model.safetensors"))
     assert exported.keys() == masters.keys()
     assert all(torch.equal(exported[k], masters[k]) for k in masters)

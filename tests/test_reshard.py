@@ -1,9 +1,10 @@
 """Resharding (issue 6): resume a checkpoint on another DP / TP / PP layout.
 
 Two launches of tests/distributed/reshard.py: `source` (2 ranks) trains a tiny 4-layer RetNet
-(synthetic data, fp32, ZeRO-1) at DP2, TP2 and PP2, saves at step 4, records the weights and Adam
-moments gathered at step 4 and the losses of steps 5..7 on the original layout, and resumes the
-PP2 checkpoint at TP2; `resume` (1 rank) resumes each checkpoint at TP1 x PP1 x DP1.
+(synthetic data, fp32, ZeRO-1) at DP2, TP2 and PP2, and in bf16 at PP2 (DeepSpeed's BF16_Optimizer:
+files bf16_zero_pp_rank_*), saves at step 4, records the weights, fp32 masters and Adam moments
+gathered at step 4 and the losses of steps 5..7 on the original layout, and resumes the PP2
+checkpoints at TP2; `resume` (1 rank) resumes each checkpoint at TP1 x PP1 x DP1.
 """
 
 from __future__ import annotations
@@ -18,8 +19,15 @@ import torch
 from megaret.checkpoint.files import CheckpointError, verify
 from tests.conftest import run_distributed
 
-SOURCES = ("dp2", "tp2", "pp2")
+SOURCES = ("dp2", "tp2", "pp2", "pp2_bf16")
 REL_TOL = 1e-5
+# bf16: the resumed run rounds its weights from the same fp32 masters; another layout reassociates
+# the bf16 GEMMs and reductions of the forward (measured: see the printed differences)
+BF16_REL_TOL = 2e-3
+
+
+def _tol(src: str) -> float:
+    return BF16_REL_TOL if src.endswith("bf16") else REL_TOL
 
 
 def _result(proc) -> dict:
@@ -48,7 +56,7 @@ def _check_case(work: Path, src: str, case: str, r: dict, layout: list[int]) -> 
     # the same weights and Adam moments, gathered to full tensors, as the source had at step 4
     want = torch.load(work / src / "step4.pt", weights_only=True)
     got = torch.load(work / src / f"{case}.pt", weights_only=True)
-    for kind in ("params", "exp_avg", "exp_avg_sq"):
+    for kind in ("params", "master", "exp_avg", "exp_avg_sq"):
         assert want[kind].keys() == got[kind].keys() and len(want[kind]) > 10
         for name in want[kind]:
             assert torch.equal(want[kind][name], got[kind][name]), (kind, name)
@@ -61,23 +69,27 @@ def test_resume_on_one_process_continues_the_original_layout(launched, src):
     _check_case(launched.work, src, "as-1", r, [1, 1, 1])
     original = launched.source[src]["losses"][4:7]  # steps 5..7 on the saved layout
     print(src, "->1 rel loss diff", _rel(r["losses"], original))
-    assert _rel(r["losses"], original) <= REL_TOL
+    assert _rel(r["losses"], original) <= _tol(src)
 
 
-def test_pipeline_checkpoint_resumes_at_tensor_parallel(launched):
-    r = launched.source["pp2->tp2"]
-    _check_case(launched.work, "pp2", "as-tp2", r, [2, 1, 1])
-    original = launched.source["pp2"]["losses"][4:7]
-    print("pp2->tp2 rel loss diff", _rel(r["losses"], original))
-    assert _rel(r["losses"], original) <= REL_TOL
+@pytest.mark.parametrize("src", ["pp2", "pp2_bf16"])
+def test_pipeline_checkpoint_resumes_at_tensor_parallel(launched, src):
+    r = launched.source[f"{src}->tp2"]
+    _check_case(launched.work, src, "as-tp2", r, [2, 1, 1])
+    original = launched.source[src]["losses"][4:7]
+    print(src, "->tp2 rel loss diff", _rel(r["losses"], original))
+    assert _rel(r["losses"], original) <= _tol(src)
 
 
 def test_source_layouts_agree_and_saved_once(launched):
     s = launched.source
     for src in SOURCES:
         assert s[src]["checkpoints"] == ["latest", "step_0000004"]
-        assert _rel(s[src]["losses"], s["dp2"]["losses"]) <= REL_TOL
+        assert _rel(s[src]["losses"], s["dp2"]["losses"]) <= (5e-2 if src.endswith("bf16") else REL_TOL)
     assert s["dp2"]["losses"][-1] < s["dp2"]["losses"][0]
+    ds = launched.work / "pp2_bf16" / "run" / "checkpoints" / "step_0000004" / "ds"
+    assert sorted(p.name for p in ds.glob("*optim_states.pt")) == [
+        "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_0_mp_rank_01_optim_states.pt"]
 
 
 @pytest.mark.parametrize("src", SOURCES)
@@ -90,9 +102,12 @@ def test_offline_consolidation_matches_the_gathered_state_and_the_export(launche
     want = torch.load(launched.work / src / "step4.pt", weights_only=True)
     assert full.params.keys() == want["params"].keys()
     assert float(full.step) == 4.0 and full.engine_counters["global_steps"] == 4
-    exported, _ = consolidate(ckpt)
+    exported, _ = consolidate(ckpt, masters=True)
+    model_files, _ = consolidate(ckpt)  # the run's weights in its precision (bf16: the rounded masters)
+    dtype = torch.bfloat16 if src.endswith("bf16") else torch.float32
     for name, value in full.params.items():
-        assert torch.equal(value, want["params"][name]) and torch.equal(value, exported[name]), name
+        assert torch.equal(value, want["master"][name]) and torch.equal(value, exported[name]), name
+        assert torch.equal(value.to(dtype).float(), model_files[name]), name
         for m in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(full.moments[name][m], want[m][name]), (m, name)
 
@@ -119,6 +134,17 @@ LAY = {"world_size": 2, "tensor": 2, "pipeline": 1, "data": 1, "zero_stage": 1}
 def test_same_layout_loads_directly_and_another_is_resharded():
     assert _check_layout(LAY, LAY) is False
     assert _check_layout(LAY, dict(LAY, tensor=1, data=2)) is True
+
+
+def test_bf16_at_zero0_holds_partitions_and_reshards():
+    """bf16 at ZeRO-0 runs DeepSpeed's BF16_Optimizer: flat fp32 partitions like ZeRO-1's."""
+    from megaret.checkpoint.model import check_layout
+
+    saved = dict(LAY, zero_stage=0, precision="bf16", virtual_pipeline=None)
+    here = dict(LAY, tensor=1, data=2, zero_stage=0, virtual_pipeline=None)
+    assert check_layout(Path("ckpt"), saved, here, "bf16") is True
+    with pytest.raises(CheckpointError, match="resharding needs"):  # fp32 ZeRO-0 holds none
+        check_layout(Path("ckpt"), saved, here, "fp32")
 
 
 def test_unsupported_layout_changes_are_refused_naming_the_fix():

@@ -9,9 +9,11 @@ stages by name. The result (plus megatron's ``_extra_state`` entries, None) is w
 
 The model files hold the weights in the run's precision: a bf16 run's are bf16, cast to fp32.
 With ``masters=True`` (what `megaret.export` writes) the fp32 master weights come from the ZeRO-1/2
-optimizer shards instead (`megaret.checkpoint.reshard.training_state`), exact under bf16 too;
-ZeRO-0 keeps no partitioned masters to read, so there the model files' weights are used
-(`weights_source` says which). ZeRO-3 checkpoints (parameters partitioned over DP) are refused.
+optimizer shards instead (`megaret.checkpoint.reshard.training_state`), exact under bf16 too (a bf16
+run's BF16_Optimizer shards, at ZeRO-0 too); fp32 ZeRO-0 keeps no partitioned masters to read, its
+model files' weights are the fp32 weights (`weights_source` says which). ZeRO-3 checkpoints
+(parameters partitioned over DP) are refused. A checkpoint saved with separate projections that
+the model now fuses (RetNet's q/k/v/g) comes out with the fused names (`megaret.checkpoint.upgrade`).
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ import torch
 from megaret.checkpoint.files import CheckpointError, resolve, verify
 from megaret.checkpoint.legacy import model_layout
 from megaret.checkpoint.merge import merge_named
-from megaret.checkpoint.reshard import RESHARDABLE_ZERO, training_state
+from megaret.checkpoint.reshard import holds_partitions, training_state
 from megaret.checkpoint.safe import safe_load
+from megaret.checkpoint.upgrade import fuse_named
 from megaret.config import Config
 from megaret.config.loader import apply_overrides, config_from_dict
 from megaret.models.spec import arch_spec
@@ -72,11 +75,10 @@ def verify_quietly(ckpt: Path) -> bool:
 def weights_source(manifest: dict, masters: bool = True) -> str:
     """Which weights `consolidate(..., masters)` gives for a checkpoint with this manifest."""
     lay = model_layout(manifest)
-    if masters and lay["zero_stage"] in RESHARDABLE_ZERO:
+    if masters and holds_partitions(lay["zero_stage"], lay.get("precision")):
         return "fp32 optimizer masters"
     if lay.get("precision") == "bf16":
-        why = " (ZeRO-0 keeps no fp32 masters to read)" if masters else ""
-        return f"bf16 model weights cast to fp32{why}"
+        return "bf16 model weights cast to fp32"
     return "fp32 model weights"
 
 
@@ -102,13 +104,22 @@ def _consolidate(ckpt: Path, masters: bool = False) -> tuple[dict[str, Any], dic
             dims[name] = dim
             pieces.setdefault(name, {})[where["tp_rank"]] = value.float() if torch.is_tensor(value) else value
     full = merge_named(pieces, dims, lay["tensor"], ckpt)
-    if masters and lay["zero_stage"] in RESHARDABLE_ZERO:
+    fused = _fused_weights(manifest)
+    if masters and holds_partitions(lay["zero_stage"], lay.get("precision")):
         fp32 = training_state(ckpt, lay, {k for k, v in full.items() if torch.is_tensor(v)}).params
-        return {k: fp32[k] if torch.is_tensor(v) else v for k, v in full.items()}, manifest
+        return fuse_named({k: fp32[k] if torch.is_tensor(v) else v for k, v in full.items()}, fused), manifest
     cut = lay["tensor"] > 1
     # an uncut tensor is one rank's, as loaded: copy it out of the file's storage
-    return {k: v.clone() if torch.is_tensor(v) and not (cut and dims[k] is not None) else v
-            for k, v in full.items()}, manifest
+    return fuse_named({k: v.clone() if torch.is_tensor(v) and not (cut and dims[k] is not None) else v
+                       for k, v in full.items()}, fused), manifest
+
+
+def _fused_weights(manifest: dict) -> tuple:
+    """The fused projections of the checkpoint's model (its arch spec's), () without a saved config."""
+    if not manifest.get("config"):
+        return ()
+    model = checkpoint_config(manifest).model
+    return arch_spec(model.arch).fused_weights(model)
 
 
 def export_weights(checkpoint: str | os.PathLike[str]) -> tuple[dict[str, Any], dict, Config]:

@@ -6,7 +6,8 @@ the manifest under "model", is the layout that describes those files: the parall
 stage and precision, which (tp_rank, pp_rank) each ``mp_rank_XX`` is, and for each of its stored
 names the full-model name and TP partition dim (what offline consolidation and resharding need).
 DeepSpeed reads its files through `megaret.checkpoint.safe.safe_load` (weights_only). A
-checkpoint of another layout is resharded (`megaret.checkpoint.reshard`).
+checkpoint of another layout is resharded (`megaret.checkpoint.reshard`); so is one saved with
+separate projections the model now fuses, converted on the way (`megaret.checkpoint.upgrade`).
 """
 
 from __future__ import annotations
@@ -19,25 +20,29 @@ import torch.distributed as dist
 from megaret.checkpoint.files import CheckpointError
 from megaret.checkpoint.merge import tp_dim
 from megaret.checkpoint.parts import Part
-from megaret.checkpoint.reshard import RESHARDABLE_ZERO, load_resharded, training_state
+from megaret.checkpoint.reshard import holds_partitions, load_resharded, training_state
 from megaret.checkpoint.safe import install_safe_loading
+from megaret.checkpoint.upgrade import fuse_state, holds_separate, separate_names
+from megaret.models.fused import FusedRows
 
 DS_TAG = "ds"  # DeepSpeed writes its files into <checkpoint>/ds/
 
 
-def check_layout(path: Path, saved: dict[str, Any], here: dict[str, Any]) -> bool:
-    """True when the saved layout differs from this run's (`here`: parallel sizes and ZeRO stage)
-    and can be resharded; raises for a change resharding cannot do."""
+def check_layout(path: Path, saved: dict[str, Any], here: dict[str, Any], precision: str = "fp32") -> bool:
+    """True when the saved layout differs from this run's (`here`: parallel sizes and ZeRO stage;
+    `precision`: this run's train.precision) and can be resharded; raises for a change resharding
+    cannot do."""
     diff = {k: (saved.get(k), v) for k, v in here.items() if saved.get(k) != v}
     if not diff:
         return False
     what = ", ".join(f"{k}: saved {a}, now {b}" for k, (a, b) in diff.items())
     old = (f"tensor={saved.get('tensor')}, pipeline={saved.get('pipeline')}, "
            f"virtual_pipeline={saved.get('virtual_pipeline')}, zero_stage={saved.get('zero_stage')}")
-    if saved.get("zero_stage") not in RESHARDABLE_ZERO or here["zero_stage"] not in RESHARDABLE_ZERO:
+    if not (holds_partitions(saved.get("zero_stage"), saved.get("precision"))
+            and holds_partitions(here["zero_stage"], precision)):
         raise CheckpointError(f"{path} was saved with another parallel layout ({what}); resharding needs "
-                              f"ZeRO-1/2 on both sides: resume with the saved layout ({old}) or set "
-                              "parallel.zero_stage=1 on both runs")
+                              f"ZeRO-1/2 (bf16: ZeRO-0 too) on both sides: resume with the saved layout "
+                              f"({old}) or set parallel.zero_stage=1 on both runs")
     return True
 
 
@@ -46,9 +51,11 @@ class ModelOptimizer(Part):
 
     shared = True
 
-    def __init__(self, engine: Any, stages: list[Any], ctx: Any, zero_stage: int, precision: str) -> None:
+    def __init__(self, engine: Any, stages: list[Any], ctx: Any, zero_stage: int, precision: str,
+                 fused: tuple[FusedRows, ...] = ()) -> None:
         self.engine, self.stages, self.ctx = engine, stages, ctx
         self.zero_stage, self.precision = zero_stage, precision
+        self.fused = fused  # the model's fused projections (its arch spec's fused_weights)
         # what load() takes: "all" (weights, optimizer state, DeepSpeed's counters: a resume),
         # "weights+optimizer" (the counters start at 0) or "weights" (fresh optimizer state)
         self.load_mode = "all"
@@ -99,7 +106,10 @@ class ModelOptimizer(Part):
     def load(self, directory: Path, layout: dict[str, Any] | None) -> str | None:
         if layout is None:
             raise CheckpointError(f"{directory} holds no model layout")
-        if check_layout(directory, layout, self.here()):
+        saved = [name for per_mp in layout["params"].values() for name, _ in per_mp.values()]
+        if holds_separate(saved, self.fused):
+            return self._convert(directory, layout)
+        if check_layout(directory, layout, self.here(), self.precision):
             return self._reshard(directory, layout)
         weights_only = self.load_mode == "weights"
         load_path, _ = self.engine.load_checkpoint(
@@ -118,11 +128,25 @@ class ModelOptimizer(Part):
                 if hasattr(self.engine, name):
                     setattr(self.engine, name, 0)
 
+    def _convert(self, directory: Path, layout: dict[str, Any]) -> str:
+        """A checkpoint saved with separate projections the model now fuses: through the layout-free
+        training state (fp32 masters and Adam moments regrouped), on any layout it could reshard to."""
+        if not holds_partitions(layout.get("zero_stage"), layout.get("precision")):
+            raise CheckpointError(
+                f"{directory} holds separate retention q/k/v/g projections (saved before they were fused "
+                f"into qkvg_proj) at parallel.zero_stage={layout.get('zero_stage')} "
+                f"({layout.get('precision')}), whose optimizer files cannot be converted: resume it with "
+                "the megaret that saved it (its weights still convert: python -m megaret.export)")
+        moved = check_layout(directory, layout, self.here(), self.precision)  # refuses what cannot reshard
+        message = self._reshard(directory, layout)
+        what = message if moved else f"converted {directory}"
+        return f"{what}: its separate q/k/v/g projections fused into qkvg_proj"
+
     def _reshard(self, directory: Path, layout: dict[str, Any]) -> str:
         """Full fp32 weights and Adam moments rebuilt from the saved ZeRO shards, cut for this rank."""
         ctx = self.ctx
         names = {stage.global_name(n) for stage in self.stages for n, _ in stage.named_parameters()}
-        state = training_state(directory, layout, names)
+        state = fuse_state(training_state(directory, layout, separate_names(names, self.fused)), self.fused)
         if self.load_mode == "weights":  # the fp32 masters only: fresh Adam moments and step
             state.moments, state.step = {}, None
         if self.load_mode != "all":

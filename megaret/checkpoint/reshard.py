@@ -8,8 +8,9 @@ everything:
 1. `training_state` (offline, no process group; `consolidate_training_state` from a whole
    manifest): for every saved TP x PP rank (``mp_rank_XX``, mapped to (tp_rank, pp_rank) by the
    model part's manifest entry) read the ZeRO-1/2 optimizer
-   shard of each DP rank (``zero_pp_rank_D_mp_rank_XX_optim_states.pt``, ``bf16_``-prefixed for a
-   bf16 run). Each holds the DP
+   shard of each DP rank (``zero_pp_rank_D_mp_rank_XX_optim_states.pt``; a bf16 run's come from
+   DeepSpeed's BF16_Optimizer, at ZeRO-0 too, named ``bf16_zero_pp_rank_...`` and holding the same
+   keys: its ``fp32_groups_flat_partition`` saved as ``single_partition_of_fp32_groups``). Each holds the DP
    rank's flat partition of the fp32 master weights and of Adam's ``exp_avg``/``exp_avg_sq``,
    and ``param_slice_mappings``: for each parameter (by DeepSpeed's module key) the slice of that
    partition it occupies. Concatenating a parameter's slices in DP-rank order gives its flat TP
@@ -30,7 +31,7 @@ DP rank, else rank 0): a loader position is tied to the DP size, so the data par
 change for loader-based data (data.source=synthetic is keyed by step and global sample, any DP
 size sees the same batches); dropout streams are per rank (megaret/models/dropout.py) and a rank
 with no saved twin takes another rank's, so exactness across layouts holds with dropout 0.
-Carried recurrent states (data.packing=segments) and ZeRO-0/3 are refused with the fix.
+Carried recurrent states (data.packing=segments) and fp32 ZeRO-0 / ZeRO-3 are refused with the fix.
 """
 
 from __future__ import annotations
@@ -50,6 +51,23 @@ from megaret.checkpoint.safe import safe_load
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 RESHARDABLE_ZERO = (1, 2)  # ZeRO stages whose files hold flat fp32 + Adam partitions per DP rank
+
+
+def holds_partitions(zero_stage: int | None, precision: str | None) -> bool:
+    """Whether a run's optimizer files hold flat fp32 master + Adam partitions per DP rank: ZeRO-1/2,
+    and bf16 at ZeRO-0, which runs DeepSpeed's BF16_Optimizer (megaret.train.engine.deepspeed_config)."""
+    return zero_stage in RESHARDABLE_ZERO or (zero_stage == 0 and precision == "bf16")
+
+
+def flat_groups(zopt: Any) -> tuple[list[list[torch.nn.Parameter]], list[torch.Tensor]]:
+    """(the model parameters of each param group, this DP rank's flat fp32 master partition of each)
+    of a ZeRO-1/2 optimizer or DeepSpeed's BF16_Optimizer; CheckpointError for any other."""
+    if hasattr(zopt, "bit16_groups") and hasattr(zopt, "single_partition_of_fp32_groups"):  # ZeRO-1/2
+        return zopt.bit16_groups, zopt.single_partition_of_fp32_groups
+    if hasattr(zopt, "bf16_groups") and hasattr(zopt, "fp32_groups_flat_partition"):  # BF16_Optimizer
+        return zopt.bf16_groups, zopt.fp32_groups_flat_partition
+    raise CheckpointError(f"resharding loads into a ZeRO-1/2 optimizer (or bf16's); this run has "
+                          f"{type(zopt).__name__} (zero_stage 0 or 3): use parallel.zero_stage=1")
 
 
 @dataclass
@@ -120,11 +138,11 @@ def _shard_kinds(ds: Path, mp: str, key: str, value: torch.Tensor,
 def training_state(ckpt: Path, layout: dict[str, Any], names: set[str] | None = None) -> FullState:
     """Full fp32 weights, Adam moments and step of a (verified) checkpoint whose model part has
     `layout` (its manifest entry); only `names` if given."""
-    if layout.get("zero_stage") not in RESHARDABLE_ZERO:
+    if not holds_partitions(layout.get("zero_stage"), layout.get("precision")):
         raise CheckpointError(
             f"{ckpt} was saved with parallel.zero_stage={layout.get('zero_stage')}; resharding reads "
-            f"ZeRO-1/2 optimizer shards only: resume it with its own layout (tensor={layout['tensor']}, "
-            f"pipeline={layout['pipeline']}, data={layout['data']})")
+            f"ZeRO-1/2 (or bf16) optimizer shards only: resume it with its own layout "
+            f"(tensor={layout['tensor']}, pipeline={layout['pipeline']}, data={layout['data']})")
     ds = ckpt / layout["deepspeed_dir"]
     out = FullState()
     pieces: dict[tuple[str, str], dict[int, torch.Tensor]] = {}  # (full name, kind) -> tp_rank -> shard
@@ -178,9 +196,7 @@ def _local(full: torch.Tensor, p: torch.nn.Parameter, tp_size: int, tp_rank: int
 def load_resharded(engine: Any, stages: list[torch.nn.Module], ctx: Any, state: FullState) -> None:
     """Set this rank's parameters, ZeRO fp32 partition and Adam state from a layout-free state."""
     zopt = engine.optimizer
-    if not (hasattr(zopt, "bit16_groups") and hasattr(zopt, "single_partition_of_fp32_groups")):
-        raise CheckpointError(f"resharding loads into a ZeRO-1/2 optimizer; this run has "
-                              f"{type(zopt).__name__} (zero_stage 0 or 3): use parallel.zero_stage=1")
+    lp_groups, fp32_groups = flat_groups(zopt)
     local: dict[int, dict[str, torch.Tensor]] = {}  # id(param) -> kind -> this rank's shard
     with torch.no_grad():
         for stage in stages:
@@ -192,9 +208,9 @@ def load_resharded(engine: Any, stages: list[torch.nn.Module], ctx: Any, state: 
                 local[id(p)] = {k: _local(v, p, ctx.tp.size, ctx.tp.rank, name) for k, v in kinds.items()}
                 p.copy_(local[id(p)]["param"].to(p.dtype))
         base = zopt.optimizer
-        for i, flat in enumerate(zopt.single_partition_of_fp32_groups):
+        for i, flat in enumerate(fp32_groups):
             bufs = {m: torch.zeros_like(flat) for m in MOMENTS}
-            for lp in zopt.bit16_groups[i]:
+            for lp in lp_groups[i]:
                 hp = getattr(lp, "_hp_mapping", None)
                 if hp is None:  # no part of this parameter lies in this DP rank's partition
                     continue
@@ -216,22 +232,23 @@ def load_resharded(engine: Any, stages: list[torch.nn.Module], ctx: Any, state: 
 
 def full_optimizer_state(engine: Any, stages: list[torch.nn.Module], ctx: Any,
                          key: str) -> dict[str, torch.Tensor]:
-    """Adam's `key` (exp_avg, exp_avg_sq) of every parameter of the full model, on every rank
-    (summed over the DP partitions, then gathered over TP and PP); collective.
+    """Adam's `key` (exp_avg, exp_avg_sq), or "master" (the fp32 master weight), of every parameter of
+    the full model, on every rank (summed over the DP partitions, then gathered over TP and PP);
+    collective.
 
     Read from the base optimizer's flat state through each parameter's ``_hp_mapping`` (DeepSpeed's
     own ``safe_get_full_optimizer_state`` misses the second param group: it links the optimizer
     fragments once, after the first group's step, before the second group has any state).
     """
-    zopt = engine.optimizer
-    group_of = {id(lp): i for i, group in enumerate(zopt.bit16_groups) for lp in group}
+    lp_groups, fp32_groups = flat_groups(engine.optimizer)
+    group_of = {id(lp): i for i, group in enumerate(lp_groups) for lp in group}
 
     def value_of(p: torch.nn.Parameter) -> torch.Tensor:
         buf = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
         hp = getattr(p, "_hp_mapping", None)
         if hp is not None:
-            flat = zopt.single_partition_of_fp32_groups[group_of[id(p)]]
-            src = zopt.optimizer.state[flat][key]
+            flat = fp32_groups[group_of[id(p)]]
+            src = flat if key == "master" else engine.optimizer.optimizer.state[flat][key]
             lpa, hpa = hp.lp_fragment_address, hp.hp_fragment_address
             buf.narrow(0, lpa.start, lpa.numel).copy_(src.narrow(0, hpa.start, hpa.numel))
         dist.all_reduce(buf, group=ctx.dp_cp_group)  # ZeRO's group (DP x CP)

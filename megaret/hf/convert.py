@@ -11,7 +11,8 @@ Both rotate the pairs (i, i + D/2) (halves), where megaret rotates interleaved p
 the rows of each head's query and key projections are permuted on export (q . k is unchanged
 by a permutation applied to both). Every other configuration (RetNet, the windowed archs,
 BRT, the other norm / FFN pairs) is exported for the standalone remote code in
-megaret/hf/modeling/ (`MegaretForCausalLM`), whose parameters keep megaret's names.
+megaret/hf/modeling/ (`MegaretForCausalLM`), whose parameters keep megaret's names, except that
+weights megaret fuses into one GEMM (RetNet's qkvg_proj) are split into their projections there.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 import torch
 
+from megaret.checkpoint.upgrade import split_named
 from megaret.config.schema import ModelConfig
 from megaret.models.spec import arch_spec
 
@@ -80,7 +82,8 @@ def to_hf(state: dict[str, Any], m: ModelConfig, *, bos_id: int | None, eos_id: 
         chunk_size=m.chunk_size, block_size=m.block_size, num_states=m.num_states,
         recurrent_layers=m.recurrent_layer_indices, gate_type=m.gate_type, state_skip=m.state_skip,
         initializer_range=m.init_std, architectures=["MegaretForCausalLM"], auto_map=AUTO_MAP, **common)
-    return HFModel("MegaretForCausalLM", True, config, weights)
+    separate = split_named(weights, arch_spec(m.arch).fused_weights(m))  # the remote code's q/k/v/g_proj
+    return HFModel("MegaretForCausalLM", True, config, separate)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,11 +13,12 @@ from typing import Any
 
 import torch
 
+from megaret.checkpoint.upgrade import fuse_named
 from megaret.config import Config, load_config
 from megaret.data import Tokenizer, load_manifest, resolve_manifests
 from megaret.data.vocab import resolve_vocab
 from megaret.errors import UserError
-from megaret.models.spec import build_model
+from megaret.models.spec import arch_spec, build_model
 from megaret.parallel.context import ParallelContext, build_parallel_context
 from megaret.parallel.megatron_config import megatron_config
 
@@ -47,6 +48,8 @@ def load_weights(model: torch.nn.Module, path: str | Path | dict, what: str = "-
         state = torch.load(path, map_location="cpu", weights_only=True)
     else:
         state = path
+    # weights saved before projections were fused (RetNet's q/k/v/g) load with the fused names
+    state = fuse_named(state, arch_spec(model.cfg.arch).fused_weights(model.cfg))
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:

@@ -12,6 +12,7 @@ import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer import TransformerConfig
 
+from megaret.models.fused import FusedRows
 from megaret.parallel.context import TensorParallel
 
 
@@ -32,6 +33,22 @@ def column(
         gather_output=False,
         tp_group=tp.group,
     )
+
+
+def fused_column(
+    in_features: int,
+    rows: FusedRows,
+    config: TransformerConfig,
+    tp: TensorParallel,
+) -> ColumnParallelLinear:
+    """Several column-parallel projections of the same input as one GEMM: the output features are
+    `rows`' parts grouped head by head, so each TP rank's shard holds its own heads of every part
+    (megaret.models.fused). Initialised to exactly the weights the separate `column`s would get."""
+    if rows.heads % tp.size:
+        raise ValueError(f"{rows.heads} heads are not divisible by parallel.tensor={tp.size}")
+    if not config.use_cpu_initialization:  # megatron's GPU path draws per rank: other numbers
+        raise ValueError("fused_column draws the full weight: it needs use_cpu_initialization=True")
+    return column(in_features, rows.rows, config, tp, init_method=rows.init_method(config.init_method))
 
 
 def row(

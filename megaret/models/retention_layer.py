@@ -2,6 +2,8 @@
 
     Y = GroupNorm_h(Retention(X W_Q, X W_K, X W_V)),  MSR(X) = (swish(X W_G) * Y) W_O
 
+X W_Q, X W_K, X W_V and X W_G are one column-parallel GEMM (`qkvg_proj`, rows grouped head by
+head: megaret/models/fused.py), initialised exactly as the four separate projections were.
 Each TP rank holds H / tp whole heads; their decays come from the GLOBAL head index, so a
 TP=4 run computes exactly what a TP=1 run does. The chunk form runs on torch or on
 flash-linear-attention's kernel as model.retention_kernel says (megaret/ops/retention_fla.py).
@@ -15,8 +17,9 @@ from megatron.core.transformer import TransformerConfig
 from torch import nn
 
 from megaret.config.schema import RetentionKernel, RetentionMode, check_choice
+from megaret.models.fused import qkvg_rows
 from megaret.models.norms import head_norm
-from megaret.models.parallel_linear import column, row
+from megaret.models.parallel_linear import fused_column, row
 from megaret.models.rotary import Rotary
 from megaret.ops import (
     chunk_retention,
@@ -57,10 +60,8 @@ class MultiScaleRetention(nn.Module):
         self.kernel = kernel  # model.retention_kernel: what runs the chunk form
         self.norm_eps = norm_eps
         self.cp = cp  # context parallel: this rank holds one slice of every sequence
-        self.q_proj = column(hidden, hidden, config, tp)
-        self.k_proj = column(hidden, hidden, config, tp)
-        self.v_proj = column(hidden, value_factor * hidden, config, tp)
-        self.g_proj = column(hidden, value_factor * hidden, config, tp)
+        self.qkvg = qkvg_rows(hidden, num_heads, value_factor)  # per head: Dk, Dk, Dv, Dv rows
+        self.qkvg_proj = fused_column(hidden, self.qkvg, config, tp)
         self.out_proj = row(value_factor * hidden, hidden, config, tp)
         self.rotary = Rotary(self.key_dim, rotary_base)
         log_decay = retnet_log_decay(
@@ -68,10 +69,6 @@ class MultiScaleRetention(nn.Module):
             schedule=decay_schedule,
         )
         self.register_buffer("log_decay", log_decay, persistent=False)  # (H_local,)
-
-    def _heads(self, x: torch.Tensor, dim: int) -> torch.Tensor:
-        t, b = x.shape[:2]
-        return x.view(t, b, self.local_heads, dim).transpose(0, 1)  # (B, T, H_local, dim)
 
     def forward(
         self,
@@ -87,9 +84,10 @@ class MultiScaleRetention(nn.Module):
         a document starts: the retention state is zeroed just before it (packed samples).
         Rotary positions are not restarted there: retention with rotary depends only on
         relative positions inside a document, so the absolute offset changes nothing."""
-        q = self._heads(self.q_proj(x)[0], self.key_dim)  # (B, T, H, Dk)
-        k = self._heads(self.k_proj(x)[0], self.key_dim)  # (B, T, H, Dk)
-        v = self._heads(self.v_proj(x)[0], self.value_dim)  # (B, T, H, Dv)
+        qkvg, _ = self.qkvg_proj(x)  # (T, B, H_local * (2 Dk + 2 Dv)), rows grouped head by head
+        t, b = qkvg.shape[:2]  # the full T also under sequence parallelism (x is then a T / tp shard)
+        q, k, v, gate = qkvg.view(t, b, self.local_heads, -1).split(self.qkvg.head_rows, dim=-1)
+        q, k, v = (z.transpose(0, 1) for z in (q, k, v))  # (B, T, H, Dk), (B, T, H, Dk), (B, T, H, Dv)
         q = self.rotary(q, position)
         k = self.rotary(k, position) * self.key_dim**-0.5
         log_decay = self.log_decay.to(q.dtype) if q.dtype == torch.float64 else self.log_decay
@@ -118,8 +116,7 @@ class MultiScaleRetention(nn.Module):
         else:
             check_choice("retention_mode", mode, RetentionMode)
         y = head_norm(o, self.norm_eps)  # (B, T, H, Dv)
-        b, t = q.shape[:2]  # the full T also under sequence parallelism (x is then a T / tp shard)
         y = y.transpose(0, 1).reshape(t, b, self.local_heads * self.value_dim)  # (T, B, H*Dv)
-        gate, _ = self.g_proj(x)  # (T, B, H*Dv)
+        gate = gate.reshape(t, b, self.local_heads * self.value_dim)  # (T, B, H*Dv)
         out, _ = self.out_proj(F.silu(gate) * y.to(gate.dtype))  # (T, B, d), all-reduced
         return out, new_state

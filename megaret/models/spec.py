@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from megatron.core.transformer import TransformerConfig
     from torch import nn
 
+    from megaret.models.fused import FusedRows
     from megaret.parallel.context import TensorParallel
 
 
@@ -182,6 +183,10 @@ class ArchSpec:
     # checkpoint records them and resuming with another value is refused (megaret.checkpoint.identity);
     # the others (chunk_size, retention_mode, dropout, init_std, ...) are how it is computed or trained
     identity_fields: tuple[str, ...] = ()
+    # weights that fuse several projections into one GEMM (megaret.models.fused.FusedRows, names
+    # relative to a layer): checkpoints saved with the separate projections are converted by them
+    # (megaret.checkpoint.upgrade), the HF export splits them for the standalone modeling code
+    fused_weights: Callable[[ModelConfig], tuple[FusedRows, ...]] = lambda m: ()
 
     # -- building ------------------------------------------------------------------------------
 
@@ -311,6 +316,12 @@ _SHAPE = ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_hidden_si
           "tie_embeddings", "rotary_base")
 
 
+def _retnet_fused(m: ModelConfig) -> tuple[FusedRows, ...]:
+    from megaret.models.fused import qkvg_rows  # torch: imported when asked
+
+    return (qkvg_rows(m.hidden_size, m.num_heads, m.value_factor, scope="retention."),)
+
+
 def _transformer_hf_class(m: ModelConfig) -> str | None:
     """The LayerNorm/GELU baseline is GPT-NeoX, the RMSNorm/SwiGLU one Llama (rotary rows permuted)."""
     return {("layernorm", "gelu"): "GPTNeoXForCausalLM",
@@ -330,6 +341,7 @@ SPECS: dict[str, ArchSpec] = {
                   Refusal(_context_split, ("data.seq_length=66", "model.chunk_size=2",
                                            "parallel.context_parallel=4"))),
         identity_fields=(*_SHAPE, "value_factor", "decay_schedule"),
+        fused_weights=_retnet_fused,
     ),
     "transformer": ArchSpec(
         name="transformer",

@@ -94,8 +94,9 @@ class Trainer:
         }
         if self.carry is not None:
             parts["carry"] = CarriedStates(self.carry, ctx)
+        fused = arch_spec(cfg.model.arch).fused_weights(cfg.model)  # converts older checkpoints
         parts["model"] = ModelOptimizer(self.engine, self.stages, ctx, cfg.parallel.zero_stage,
-                                        cfg.train.precision)
+                                        cfg.train.precision, fused)
         parts["rng"] = RNG()
         return parts
 
