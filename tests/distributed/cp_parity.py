@@ -34,6 +34,7 @@ from megaret.config import load_config  # noqa: E402
 from megaret.models.retnet import RetNet, RetNetState  # noqa: E402
 from megaret.models.spec import build_model  # noqa: E402
 from megaret.parallel.context import build_parallel_context, destroy_parallel_context  # noqa: E402
+from megaret.parallel.cpu_adapters import seed_tensor_parallel_rng  # noqa: E402
 from megaret.parallel.megatron_config import megatron_config  # noqa: E402
 
 B, T, V, HEADS = 2, 32, 128, 4
@@ -88,12 +89,26 @@ def final_state(arch: str, state, ctx) -> torch.Tensor:
     return gather_heads(s.detach(), ctx.tp.group, ctx.tp.size)
 
 
+_CONTEXTS: dict = {}
+
+
+def context(tp: int, cp: int, seed: int):
+    """The parallel context of a layout, built once per layout (megatron's groups cost seconds on gloo),
+    with the weights' generators reseeded as a fresh build would."""
+    if (tp, cp) not in _CONTEXTS:
+        _CONTEXTS.clear()
+        _CONTEXTS[tp, cp] = build_parallel_context(tp, 1, seed=seed, context_parallel=cp)
+    ctx = _CONTEXTS[tp, cp]
+    seed_tensor_parallel_rng(seed, ctx.tp.rank)
+    return ctx
+
+
 def run(cp: int, tp: int, case: str, kernel: str = "torch", mode: str | None = None, arch: str = "retnet"):
     overrides = [f"parallel.tensor={tp}", f"model.num_heads={HEADS}", f"model.vocab_size={V}"]
     overrides += ["model.chunk_size=4", f"model.retention_kernel={kernel}"] if arch == "retnet" else []
     overrides += ["model.block_size=8"] if arch == "sliding" else []
     cfg = load_config(CONFIGS[arch], overrides)
-    ctx = build_parallel_context(tp, 1, seed=cfg.train.seed, context_parallel=cp)
+    ctx = context(tp, cp, cfg.train.seed)
     torch.manual_seed(11)
     model = build_model(cfg.model, megatron_config(cfg.model, cfg.parallel), ctx.tp, cp=ctx.cp)
     data = batch()
@@ -127,18 +142,20 @@ def compare(got: dict, ref: dict) -> dict:
 def main() -> None:
     archs = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--archs=")), "retnet").split(",")
     layouts = [tuple(map(int, a.split(","))) for a in sys.argv[1:] if not a.startswith("--")]
+    name = {arch: "" if arch == "retnet" else f"{arch}/" for arch in archs}
+    refs = {(arch, c): run(1, 1, c, arch=arch) for arch in archs for c in CASES[arch]}  # one process
+    parallel = not FLA and "retnet" in archs  # the parallel form on the slices too
+    if parallel:
+        refs["parallel"] = run(1, 1, "resets", mode="parallel")
     results = {}
-    for arch in archs:
-        name = "" if arch == "retnet" else f"{arch}/"
-        refs = {c: run(1, 1, c, arch=arch) for c in CASES[arch]}
-        for cp, tp in layouts:
+    for cp, tp in layouts:  # layout by layout: one parallel context each
+        for arch in archs:
             for case in CASES[arch]:
                 got = run(cp, tp, case, "fla" if FLA else "torch", arch=arch)
-                results[f"{'fla/' if FLA else ''}{name}cp{cp}tp{tp}/{case}"] = compare(got, refs[case])
-    if not FLA and "retnet" in archs:  # the parallel form on the slices too
-        cp = layouts[0][0]
-        ref, got = run(1, 1, "resets", mode="parallel"), run(cp, 1, "resets", mode="parallel")
-        results[f"parallel/cp{cp}"] = compare(got, ref)
+                key = f"{'fla/' if FLA else ''}{name[arch]}cp{cp}tp{tp}/{case}"
+                results[key] = compare(got, refs[arch, case])
+        if parallel and (cp, tp) == layouts[0]:
+            results[f"parallel/cp{cp}"] = compare(run(cp, 1, "resets", mode="parallel"), refs["parallel"])
     print_result(results)
     destroy_parallel_context()
 
