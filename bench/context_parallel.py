@@ -7,8 +7,8 @@ Each rank builds a tiny-width RetNet (per-layer recompute, small retention chunk
 of one sample of length T, runs forward + backward once to warm up and once timed. Rank 0 prints
 one row per T: CP, T, the slice, step seconds, the peak resident memory of the ranks (max over
 ranks, growth over the process's size before the first step) and the bytes one rank receives in
-the CP all-gathers per step beside the arithmetic (cp - 1) * B * H * (Dk * Dv + 1) * 4 per layer,
-forward and backward.
+the CP all-gathers per step, counted at the all-gather, beside the arithmetic
+(cp - 1) * B * H * (Dk * Dv + 1) * 4 per layer, forward and backward.
 """
 
 from __future__ import annotations
@@ -22,9 +22,22 @@ import torch.distributed as dist
 
 from megaret.config import load_config
 from megaret.models.retnet import RetNet
+from megaret.parallel import retention_cp
 from megaret.parallel.context import build_parallel_context, destroy_parallel_context
 from megaret.parallel.megatron_config import megatron_config
 from megaret.parallel.retention_cp import summary_bytes
+
+RECEIVED = [0]  # bytes this rank received in the CP all-gathers of a step (counted where they happen)
+
+
+def _counted(gather):
+    def all_gather(flat: torch.Tensor, cp) -> torch.Tensor:
+        RECEIVED[0] += (cp.size - 1) * flat.numel() * flat.element_size()
+        return gather(flat, cp)
+    return all_gather
+
+
+retention_cp._all_gather = _counted(retention_cp._all_gather)
 
 OVERRIDES = ["model.hidden_size=32", "model.num_heads=2", "model.num_layers=2", "model.ffn_hidden_size=64",
              "model.vocab_size=256", "model.chunk_size=64", "model.retention_kernel=torch"]
@@ -44,8 +57,9 @@ def main() -> None:
     m = model.layers[0].retention
     base = peak_mib()
     if ctx.rank == 0:
-        print("| CP | T | slice | step s | peak MiB/rank (growth) | comm bytes/step/rank | arithmetic |")
-        print("|---|---|---|---|---|---|---|")
+        print("| CP | T | slice | step s | peak MiB/rank (growth) | CP bytes/step/rank counted | arithmetic "
+              "| formula |")
+        print("|---|---|---|---|---|---|---|---|")
     for T in lengths:
         t_local = T // ctx.cp.size
         gen = torch.Generator().manual_seed(T)
@@ -53,6 +67,7 @@ def main() -> None:
         seconds = 0.0
         for _ in range(2):  # warm-up, then timed
             model.zero_grad(set_to_none=True)
+            RECEIVED[0] = 0
             t0 = time.perf_counter()
             out = model(x, x)
             out.loss.mean().backward()
@@ -68,7 +83,8 @@ def main() -> None:
         arithmetic = layers * (2 * per_layer + backward)
         if ctx.rank == 0:
             print(f"| {ctx.cp.size} | {T:,} | {t_local:,} | {t.item():.2f} | {peak.item():,.0f} | "
-                  f"{arithmetic:,} | {layers} layers x (cp-1)={ctx.cp.size - 1} x H={m.local_heads} x "
+                  f"{RECEIVED[0]:,} | {arithmetic:,} | {layers} layers x (cp-1)={ctx.cp.size - 1} x "
+                  f"H={m.local_heads} x "
                   f"(Dk*Dv+1)={m.key_dim * m.value_dim + 1} x 4 B x 2 (fwd + recompute) + backward |",
                   flush=True)
     destroy_parallel_context()

@@ -1,8 +1,9 @@
-"""Context parallelism (parallel.context_parallel): RetNet's retention over a sequence split across
-CP ranks equals one process; the trainer at CP x TP / PP / DP(ZeRO-1) equals CP=1; CP checkpoints
-resume at other CP sizes. Three launches (imports cost ~15 s per rank): the model at CP=2, CP=4
-and CP=2 x TP=2 (logits, per-token loss, final state and every gradient, with document starts and
-a carried state); the fla kernel at CP=2 under Triton's interpreter; the trainer.
+"""Context parallelism (parallel.context_parallel): RetNet's retention and the attention archs'
+Ulysses attention over a sequence split across CP ranks equal one process; the trainer at
+CP x TP / PP / DP(ZeRO-1) equals CP=1; CP checkpoints resume at other CP sizes. Three launches
+(imports cost ~15 s per rank): the models (RetNet, the Transformer, the sliding-window arch) at
+CP=2, CP=4 and CP=2 x TP=2 (logits, per-token loss, final state and every gradient, with document
+starts and a carried state); the fla kernel at CP=2 under Triton's interpreter; the trainer.
 """
 
 from __future__ import annotations
@@ -35,11 +36,14 @@ def _check_model(results: dict) -> None:
 
 
 @pytest.mark.multiproc
-def test_retnet_context_parallel_equals_one_process():
-    results = _result(run_distributed("cp_parity.py", 4, "2,1", "4,1", "2,2"))
-    cases = ("plain", "resets", "state")
-    assert set(results) == {f"cp{c}tp{t}/{case}" for c, t in ((2, 1), (4, 1), (2, 2)) for case in cases} | {
-        "parallel/cp2"}
+def test_models_under_context_parallel_equal_one_process():
+    archs = "--archs=retnet,transformer,sliding"
+    results = _result(run_distributed("cp_parity.py", 4, archs, "2,1", "4,1", "2,2"))
+    layouts = ((2, 1), (4, 1), (2, 2))
+    cases = {"": ("plain", "resets", "state"), "transformer/": ("plain", "resets"),
+             "sliding/": ("plain", "resets", "state")}
+    assert set(results) == {f"{arch}cp{c}tp{t}/{case}" for arch, arch_cases in cases.items()
+                            for c, t in layouts for case in arch_cases} | {"parallel/cp2"}
     _check_model(results)
 
 
@@ -56,7 +60,7 @@ def test_retnet_context_parallel_on_the_fla_kernel():
 @pytest.mark.multiproc
 def test_trainer_context_parallel_layouts_and_resume(tmp_path):
     results = _result(run_distributed("cp_train.py", 4, str(tmp_path)))
-    assert set(results) == {"cp4", "cp2tp2", "cp2pp2", "cp2dp2",
+    assert set(results) == {"cp4", "cp2tp2", "cp2pp2", "cp2dp2", "transformer/cp2pp2", "transformer/cp2dp2",
                             "resume_cp2_to_cp2", "resume_cp2_to_cp1", "resume_cp2_to_cp4"}
     for key, r in results.items():
         assert r["loss_rel"] <= LOSS_TOL, (key, r)

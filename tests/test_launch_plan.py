@@ -122,3 +122,34 @@ def test_plan_of_6_7b_fits_80gb():
 def test_impossible_layouts_are_refused(overrides, reason):
     with pytest.raises(PlanError, match=reason.replace("*", r"\*")):
         make_plan(load_config("configs/6.7b.yaml", overrides))
+
+
+def test_context_parallel_in_the_plan():
+    """CP splits the sequence: each rank's activations are those of T / CP tokens (by hand: the same
+    model at T / CP without CP), ZeRO shards over DP x CP, and the layout and context are printed."""
+    base = ["train.recompute=false", "data.seq_length=65536", "train.global_batch_size=64"]
+    cp = load_config("configs/6.7b.yaml", [*base, "parallel.context_parallel=4", "launch.nodes=16"])
+    lo = make_layout(cp)
+    assert (lo.world, lo.tp, lo.cp, lo.pp, lo.dp, lo.local_seq_length) == (128, 4, 4, 2, 4, 16384)
+    short = load_config("configs/6.7b.yaml", ["train.recompute=false", "data.seq_length=16384",
+                                               "train.global_batch_size=64", "launch.nodes=4"])
+    short_layout = make_layout(short)
+    for stage in (0, 1):
+        expected = activation_memory(short, short_layout, stage)
+        assert activation_memory(cp, lo, stage) == pytest.approx(expected)
+    plan = make_plan(cp, check_fit=False)
+    params = plan.stage_params[0]
+    assert plan.stage_memory[0].optimizer == pytest.approx(12 * params / (4 * 4))  # over DP x CP
+    text = format_plan(plan)
+    assert "TP=4 x CP=4 x PP=2 x DP=4" in text
+    assert "65,536 tokens per sequence split over CP=4: 16,384 per rank" in text
+
+
+def test_1_3b_256k_fits_one_node_of_80gb_and_not_without_cp():
+    cfg = load_config("configs/1.3b-256k.yaml")
+    plan = make_plan(cfg)
+    assert (plan.layout.world, plan.layout.cp, plan.layout.seq_length) == (8, 8, 262144)
+    assert plan.stage_memory[0].total < 0.9 * 80 * GIB
+    with pytest.raises(PlanError, match="does not fit"):
+        make_plan(load_config("configs/1.3b-256k.yaml", ["parallel.context_parallel=1",
+                                                          "train.global_batch_size=16"]))

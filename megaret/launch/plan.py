@@ -1,7 +1,7 @@
 """Launch planning: layout, parameters per rank and memory per GPU, as pure functions of a Config.
 
 `make_plan(cfg)` answers, before any job is submitted: how the `launch` allocation splits into
-TP x PP x DP, how many micro-batches make one step, how many parameters each pipeline stage's
+TP x CP x PP x DP, how many micro-batches make one step, how many parameters each pipeline stage's
 ranks hold, and roughly how much GPU memory each rank needs. A layout that cannot divide or
 cannot fit in `launch.gpu_mem_gb` raises `PlanError` with the reason.
 
@@ -10,8 +10,9 @@ Memory model (bytes per GPU; Psi = parameters on this rank, after TP and PP spli
 - weights, gradients, optimizer state follow the ZeRO paper's accounting (Rajbhandari et al.
   2020, sec. 3.1): bf16 mixed precision keeps 2 Psi weights, 2 Psi gradients and 12 Psi of
   optimizer state (fp32 master weights + Adam m and v); fp32 keeps 4 Psi + 4 Psi + 8 Psi.
-  ZeRO stage >= 1 shards the optimizer state over DP, >= 2 also the gradients, 3 also the
-  weights. (DeepSpeed's bf16 ZeRO-1 also keeps an fp32 gradient buffer; not counted.)
+  ZeRO stage >= 1 shards the optimizer state over DP x CP (as the trainer and megatron do), >= 2
+  also the gradients, 3 also the weights. (DeepSpeed's bf16 ZeRO-1 also keeps an fp32 gradient
+  buffer; not counted.)
 - activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
   Transformer Models", sec. 4): one layer and micro-batch of b sequences of s tokens stores
   s b h (10 + 24/t) + 5 a s w b / t bytes in 16-bit (s b h 34 / t + ... with sequence
@@ -21,7 +22,11 @@ Memory model (bytes per GPU; Psi = parameters on this rank, after TP and PP spli
   only each layer's input (2 s b h, / t with sequence parallelism) plus one layer's working
   set. Under 1F1B the ranks of pipeline stage i hold min(pp - i, micro-batches) micro-batches
   in flight. The last stage adds fp32 logits and their gradient (2 x 4 s b V / t). fp32
-  training doubles the 16-bit figures. The RetNet's wider value path (value_factor) and
+  training doubles the 16-bit figures. Under context parallelism (parallel.context_parallel = c)
+  a rank holds s / c tokens of each sequence, so every term above takes s / c for s (the
+  Ulysses attention's score matrices are H / c heads x s queries x the span: the same count).
+  The CP exchanges' buffers (RetNet: c states of H Dk Dv per layer; attention: one slice's q, k,
+  v, o) are transient and not counted. The RetNet's wider value path (value_factor) and
   framework buffers are not modelled: treat it as an estimate, good to tens of percent.
 - a layout fits when the estimate is at most USABLE_FRACTION of `launch.gpu_mem_gb`
   (the rest is left for the CUDA context, NCCL buffers and allocator fragmentation).
@@ -51,6 +56,7 @@ class Layout:
     tasks_per_node: int
     world: int
     tp: int
+    cp: int  # context parallel: each rank holds seq_length / cp tokens of every sequence
     pp: int
     vp: int  # virtual stages per pipeline rank (1 without interleaving)
     dp: int
@@ -58,6 +64,11 @@ class Layout:
     micro_batches: int  # forward/backward passes per optimizer step on each rank
     global_batch: int  # sequences per optimizer step
     seq_length: int
+
+    @property
+    def local_seq_length(self) -> int:
+        """Tokens of each sequence one rank holds (its context-parallel slice)."""
+        return self.seq_length // self.cp
 
     @property
     def global_batch_tokens(self) -> int:
@@ -98,7 +109,7 @@ class Plan:
 
 
 def make_layout(cfg: Config) -> Layout:
-    """TP x PP x DP of the `launch` allocation; PlanError when the world does not divide."""
+    """TP x CP x PP x DP of the `launch` allocation; PlanError when the world does not divide."""
     la, p, t = cfg.launch, cfg.parallel, cfg.train
     world = la.world_size
     try:
@@ -113,6 +124,7 @@ def make_layout(cfg: Config) -> Layout:
         la.resolved_tasks_per_node,
         world,
         p.tensor,
+        p.context_parallel,
         p.pipeline,
         p.virtual_pipeline or 1,
         dp,
@@ -165,9 +177,9 @@ def state_memory(params: int, zero_stage: int, dp: int, precision: str) -> tuple
 def activation_memory(cfg: Config, layout: Layout, stage: int) -> float:
     """Estimated activation bytes on one rank of pipeline stage `stage` (module docstring)."""
     m = cfg.model
-    s, b, h, a, t = layout.seq_length, layout.micro_batch_size, m.hidden_size, m.num_heads, layout.tp
+    s, b, h, a, t = layout.local_seq_length, layout.micro_batch_size, m.hidden_size, m.num_heads, layout.tp
     sp = cfg.parallel.sequence_parallel
-    kinds = arch_spec(m.arch).layers(m, s)
+    kinds = arch_spec(m.arch).layers(m, layout.seq_length)  # the spans of the whole sequence
     layers = [kinds[i] for i in rank_layers(m.num_layers, layout.pp, stage, layout.vp)]
     per_layer = [s * b * h * (34 / t if sp else 10 + 24 / t) + 5 * a * s * k.span * b / t for k in layers]
     if cfg.train.recompute:
@@ -200,7 +212,7 @@ def make_plan(cfg: Config, check_fit: bool = True) -> Plan:
     z, prec = cfg.parallel.zero_stage, cfg.train.precision
     per_stage = stage_params(cfg.model, layout.tp, layout.pp, layout.vp)
     memory = [
-        Memory(*state_memory(n, z, layout.dp, prec), activation_memory(cfg, layout, i))
+        Memory(*state_memory(n, z, layout.dp * layout.cp, prec), activation_memory(cfg, layout, i))
         for i, n in enumerate(per_stage)
     ]
     total = arch_spec(cfg.model.arch).param_count(cfg.model)
@@ -215,7 +227,8 @@ def make_plan(cfg: Config, check_fit: bool = True) -> Plan:
                 f"{memory[worst].optimizer / GIB:.1f}, activations {memory[worst].activations / GIB:.1f}) "
                 f"but "
                 f"launch.gpu_mem_gb={plan.gpu_mem_gb:g} leaves {usable:.1f} GiB usable at TP={layout.tp} "
-                f"PP={layout.pp} DP={layout.dp} ZeRO-{z}; raise parallel.tensor / parallel.pipeline / "
+                f"{f'CP={layout.cp} ' if layout.cp > 1 else ''}PP={layout.pp} DP={layout.dp} ZeRO-{z}; "
+                "raise parallel.tensor / parallel.pipeline / parallel.context_parallel / "
                 "parallel.zero_stage, set train.recompute=true or lower train.micro_batch_size"
             )
     return plan
@@ -226,18 +239,21 @@ def format_plan(plan: Plan) -> str:
     lo = plan.layout
     lines = [
         f"world size        {lo.world} = {lo.nodes} node(s) x {lo.tasks_per_node} task(s)",
-        f"layout            TP={lo.tp} x PP={lo.pp} x DP={lo.dp}"
-        + (f" (virtual pipeline {lo.vp})" if lo.vp > 1 else ""),
+        f"layout            TP={lo.tp} x " + (f"CP={lo.cp} x " if lo.cp > 1 else "")
+        + f"PP={lo.pp} x DP={lo.dp}" + (f" (virtual pipeline {lo.vp})" if lo.vp > 1 else ""),
         f"batch             {lo.global_batch} sequences x {lo.seq_length} tokens = "
         f"{lo.global_batch_tokens:,} tokens per step; {lo.micro_batches} micro-batch(es) of "
         f"{lo.micro_batch_size} per rank per step",
         f"parameters        {plan.total_params:,} total",
     ]
+    if lo.cp > 1:
+        lines.insert(3, f"context           {lo.seq_length:,} tokens per sequence split over CP={lo.cp}: "
+                        f"{lo.local_seq_length:,} per rank (activations below are for that slice)")
     for i, n in enumerate(plan.stage_params):
         lines.append(f"  per rank        stage {i}: {n:,}")
     lines.append(
         f"memory per GPU    (estimate, GiB; ZeRO-{plan.zero_stage}, {plan.precision}; "
-        f"launch.gpu_mem_gb={plan.gpu_mem_gb:g})"
+        f"launch.gpu_mem_gb={plan.gpu_mem_gb:g}; activations at T={lo.seq_length:,})"
     )
     lines.append("  stage   weights   grads  optimizer  activations   total")
     for i, mem in enumerate(plan.stage_memory):

@@ -30,7 +30,8 @@ from megaret.ops.attention import (
     trim_cache,
 )
 from megaret.ops.attention_backend import masked_kernel
-from megaret.parallel.context import TensorParallel
+from megaret.parallel.attention_cp import heads_to_sequence, sequence_to_heads
+from megaret.parallel.context import NO_CP, ContextParallel, TensorParallel
 
 GROWTH = 1.5  # capacity multiplier on reallocation: O(log N) copies for N appended tokens
 _ALIGN = 64  # capacities are rounded up to a multiple of this many tokens
@@ -315,15 +316,19 @@ class SelfAttention(nn.Module):
     def __init__(
         self, hidden: int, num_heads: int, config: TransformerConfig, tp: TensorParallel, *,
         window: int | None = None, rotary_base: float = 10000.0, qk_norm: bool = False, concat: int = 1,
+        cp: ContextParallel = NO_CP,
     ) -> None:
         """concat > 1: the output projection takes `concat` outputs per head (the BRT layer's
-        [self ; cross] attention), interleaved per head so TP shards stay whole heads."""
+        [self ; cross] attention), interleaved per head so TP shards stay whole heads.
+        cp: context parallel (x holds slice cp.rank of the sequence; megaret/parallel/attention_cp.py)."""
         super().__init__()
-        if num_heads % tp.size:
-            raise ValueError(f"model.num_heads={num_heads} is not divisible by parallel.tensor={tp.size}")
+        if num_heads % (tp.size * cp.size):
+            raise ValueError(f"model.num_heads={num_heads} is not divisible by parallel.tensor * "
+                             f"parallel.context_parallel={tp.size}*{cp.size}")
         self.local_heads = num_heads // tp.size
         self.head_dim = hidden // num_heads
         self.window = window
+        self.cp = cp
         self.q_proj = column(hidden, hidden, config, tp)
         self.k_proj = column(hidden, hidden, config, tp)
         self.v_proj = column(hidden, hidden, config, tp)
@@ -362,7 +367,12 @@ class SelfAttention(nn.Module):
         """x: (T, B, d) at positions position.. -> ((T, B, d), the cache for the next call);
         doc: (B, T) document ids (0 continues the cache's document), or None."""
         q, k, v, scale = self.qkv(x, position)
+        if self.cp.size > 1:  # Ulysses: the whole sequence of H / cp heads, attended as one process would
+            position -= self.cp.rank * q.shape[2]  # the sequence's first position (this slice's was given)
+            q, k, v = (sequence_to_heads(t, self.cp) for t in (q, k, v))  # (B, H / cp, T, D)
         o, new_cache = windowed_self_attention(q, k, v, cache, position, self.window, scale,
                                                doc=doc)  # (B, H, T, D)
+        if self.cp.size > 1:
+            o = heads_to_sequence(o, self.cp)  # (B, H, T_r, D)
         out, _ = self.out_proj(self.merge(o))  # (T, B, d), all-reduced over TP
         return out, new_cache

@@ -295,21 +295,31 @@ def _no_context_parallel(reason: str) -> Callable[[Config], str | None]:
         if c.parallel.context_parallel == 1:
             return None
         return (f"parallel.context_parallel={c.parallel.context_parallel} with model.arch={c.model.arch}: "
-                f"{reason}; set parallel.context_parallel=1 (or model.arch=retnet)")
+                f"{reason}; set parallel.context_parallel=1 (or model.arch=retnet, transformer or sliding)")
     return check
 
 
+def _context_heads(c: Config) -> str | None:
+    heads, tp, cp = c.model.num_heads, c.parallel.tensor, c.parallel.context_parallel
+    if heads % (tp * cp) == 0:
+        return None
+    return (f"model.num_heads={heads} is not divisible by "
+            f"parallel.tensor*parallel.context_parallel={tp}*{cp}: "
+            "attention under CP trades sequence slices for whole heads (Ulysses all-to-all, "
+            "megaret/parallel/attention_cp.py); use a context_parallel that divides the heads of a TP rank")
+
+
 _BLOCK_ALIGNED = Refusal(_block_aligned, ("data.seq_length=100", "model.block_size=16"))
-_CP_EXAMPLE = ("parallel.context_parallel=2",)
-# not yet: the attention archs need Ulysses all-to-all or ring attention (transformer) or the
-# previous rank's last block (sliding); BRT's recurrent layer runs sequentially across blocks, so
-# CP would pass its state rank after rank (no overlap): refused with that reason
-_CP_ATTENTION = Refusal(_no_context_parallel(
-    "context parallelism is implemented for retention only (attention would need an all-to-all or a ring "
-    "exchange of keys and values, not built yet)"), _CP_EXAMPLE)
+_CP_SPLIT = Refusal(_context_split,
+                    ("data.seq_length=66", "model.chunk_size=2", "parallel.context_parallel=4"))
+# the attention archs run CP as Ulysses all-to-all: CP must divide each TP rank's heads
+_CP_HEADS = Refusal(_context_heads, ("parallel.context_parallel=8",))
+# BRT's recurrent layer runs sequentially across blocks, so CP would pass its state rank after rank
+# (no overlap): refused with that reason
 _CP_BRT = Refusal(_no_context_parallel(
     "BRT's recurrent layer is sequential across blocks, so CP ranks would wait for each other's state one "
-    "after another (no parallel speed-up); use pipeline or tensor parallelism"), _CP_EXAMPLE)
+    "after another (no parallel speed-up); use pipeline or tensor parallelism"),
+    ("parallel.context_parallel=2",))
 
 # the model fields every arch's weights depend on (shapes, tying, norms, rotary positions)
 _SHAPE = ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size", "ffn_type", "norm_type",
@@ -337,9 +347,7 @@ SPECS: dict[str, ArchSpec] = {
         prefill_form="chunk",
         step_form="recurrent",
         fixed_step_state=True,
-        refusals=(Refusal(_chunk_aligned, ("data.seq_length=100", "model.chunk_size=16")),
-                  Refusal(_context_split, ("data.seq_length=66", "model.chunk_size=2",
-                                           "parallel.context_parallel=4"))),
+        refusals=(Refusal(_chunk_aligned, ("data.seq_length=100", "model.chunk_size=16")), _CP_SPLIT),
         identity_fields=(*_SHAPE, "value_factor", "decay_schedule"),
         fused_weights=_retnet_fused,
     ),
@@ -348,7 +356,7 @@ SPECS: dict[str, ArchSpec] = {
         model_class="megaret.models.transformer:Transformer",
         hf_native_class=_transformer_hf_class,
         layers=lambda m, t: [attention_layer(m, t, None)] * m.num_layers,
-        refusals=(Refusal(_causal_segments, ("data.packing=segments",)), _CP_ATTENTION),
+        refusals=(Refusal(_causal_segments, ("data.packing=segments",)), _CP_SPLIT, _CP_HEADS),
         attention=("causal",),
         identity_fields=_SHAPE,
     ),
@@ -358,7 +366,7 @@ SPECS: dict[str, ArchSpec] = {
         layers=lambda m, t: [attention_layer(m, t, m.block_size)] * m.num_layers,
         build_kwargs=lambda m: {"window": m.block_size},
         carried_span=lambda m: m.block_size,
-        refusals=(_BLOCK_ALIGNED, _CP_ATTENTION),
+        refusals=(_BLOCK_ALIGNED, _CP_SPLIT, _CP_HEADS),
         attention=("block_window",),
         identity_fields=(*_SHAPE, "block_size"),
     ),

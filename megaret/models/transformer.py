@@ -24,7 +24,8 @@ from megaret.models.ffn import FeedForward
 from megaret.models.norms import build_norm
 from megaret.models.stage import StagedLanguageModel
 from megaret.models.state import StackState
-from megaret.parallel.context import TensorParallel
+from megaret.parallel.attention_cp import gather_sequence
+from megaret.parallel.context import NO_CP, ContextParallel, TensorParallel
 
 
 class TransformerState(StackState):
@@ -43,11 +44,11 @@ class TransformerBlock(nn.Module):
     """x + Attn(LN(x)), then + FFN(LN(.)), each branch with dropout."""
 
     def __init__(self, cfg: ModelConfig, config: TransformerConfig, tp: TensorParallel,
-                 window: int | None) -> None:
+                 window: int | None, cp: ContextParallel = NO_CP) -> None:
         super().__init__()
         self.attention_norm = build_norm(cfg.norm_type, cfg.hidden_size, cfg.norm_eps)
         self.attention = SelfAttention(cfg.hidden_size, cfg.num_heads, config, tp, window=window,
-                                       rotary_base=cfg.rotary_base)
+                                       rotary_base=cfg.rotary_base, cp=cp)
         self.ffn_norm = build_norm(cfg.norm_type, cfg.hidden_size, cfg.norm_eps)
         self.ffn = FeedForward(cfg.hidden_size, cfg.ffn_hidden_size, cfg.ffn_type, config, tp)
         self.dropout = ResidualDropout(cfg.dropout, config.sequence_parallel and tp.size > 1)
@@ -88,11 +89,14 @@ class Transformer(StagedLanguageModel):
     state_type = TransformerState
 
     def build_layer(self, index: int, config: TransformerConfig) -> nn.Module:
-        return TransformerBlock(self.cfg, config, self.tp, self.window)
+        return TransformerBlock(self.cfg, config, self.tp, self.window, self.cp)
 
     def layer_inputs(self, doc_start: torch.Tensor | None, retention_mode: str | None) -> tuple:
         """(doc,): (B, T) document ids, 0 continuing the carried history, each start opening the
-        next id (None without doc_start)."""
+        next id (None without doc_start). Under context parallelism the ids are the whole
+        sequence's (the attention runs on it, megaret/parallel/attention_cp.py)."""
         if retention_mode is not None:
             raise ValueError(f"retention_mode={retention_mode!r} applies to model.arch=retnet only")
+        if doc_start is not None and self.cp.size > 1:
+            doc_start = gather_sequence(doc_start, self.cp)  # (B, T)
         return (None if doc_start is None else doc_start.long().cumsum(dim=1),)

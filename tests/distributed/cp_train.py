@@ -6,7 +6,9 @@ process. Each layout (CP=4; CP=2 x TP=2; CP=2 x PP=2; CP=2 x DP=2 with ZeRO-1) t
 steps on the same global batches; step losses and final full parameters are compared. Then a
 CP=2 run that stops at its step-4 checkpoint resumes at CP=2, CP=1 and CP=4 (the model part
 reshards ZeRO's DP x CP shards; CP shards no weights, only the sequence) and each continuation
-is compared with the uninterrupted CP=2 run. Rank 0 prints one line `RESULT {json}`.
+is compared with the uninterrupted CP=2 run. The Transformer baseline (Ulysses attention) trains
+at CP=2 x PP=2 and CP=2 x DP=2 (ZeRO-1) against its own DP=4 run. Rank 0 prints one line
+`RESULT {json}`.
 """
 
 from __future__ import annotations
@@ -27,10 +29,10 @@ BASE = [
 ]
 
 
-def train(run_dir: str, overrides: list[str], stop_at: int | None = None):
+def train(run_dir: str, overrides: list[str], stop_at: int | None = None, config: str = "configs/tiny.yaml"):
     """Train (on from run.dir's last checkpoint, if any) to train.steps, or stop after step
     `stop_at` (train_step saves the checkpoint of every checkpoint.interval)."""
-    cfg = load_config("configs/tiny.yaml", [*BASE, f"run.dir={run_dir}", *overrides])
+    cfg = load_config(config, [*BASE, f"run.dir={run_dir}", *overrides])
     trainer = Trainer(cfg)
     results = []
     while trainer.step < (stop_at or cfg.train.steps):
@@ -63,6 +65,11 @@ def main() -> None:
         first, _ = train(run_dir, ["parallel.context_parallel=2"], stop_at=4)
         rest, params = train(run_dir, [f"parallel.context_parallel={cp}"])
         report[f"resume_cp2_to_cp{cp}"] = compare(first + rest, params, *cp2)
+    transformer = "configs/transformer-tiny.yaml"
+    ref_losses, ref_params = train(f"{root}/transformer-ref", [], config=transformer)
+    for name in ("cp2pp2", "cp2dp2"):
+        losses, params = train(f"{root}/transformer-{name}", layouts[name], config=transformer)
+        report[f"transformer/{name}"] = compare(losses, params, ref_losses, ref_params)
     report_and_close(report)
 
 

@@ -1,0 +1,75 @@
+"""Attention over a sequence split across context-parallel ranks: Ulysses all-to-all (exact).
+
+CP rank r holds the contiguous slice r (T_r = T / cp tokens) of every sample, for all of its TP
+rank's heads. One all-to-all per tensor trades sequence shards for head shards: afterwards rank r
+holds the WHOLE sequence for heads [r * H / cp, (r + 1) * H / cp) of its TP rank's H, so the
+attention itself runs unchanged (SDPA's causal / block-window paths, document masks, a carried
+block cache) and is exactly one process's; a second all-to-all brings the outputs back to
+sequence shards for the output projection.
+
+Why Ulysses rather than ring attention: the attention kernels and every mask of megaret's three
+attention forms run as they are (a ring needs its own blockwise online-softmax merge for each
+mask kind, and balances causal work only with a zig-zag slice order the loader would have to
+follow); each rank sends and receives 4 * B * T * d / (tp * cp) values per layer (q, k, v, o:
+3/cp of one slice's activations each way), which falls with CP. Its limit: CP must divide the
+TP rank's heads (spec refusal). A carried cache (the sliding-window arch's previous block)
+stays head-sharded: the next call gives each CP rank the same heads again.
+
+The all-to-all is its own adjoint (chunk j goes to rank j and comes back from it), so the
+backward is the same exchange of the gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from megaret.parallel.context import ContextParallel
+
+__all__ = ["gather_sequence", "heads_to_sequence", "sequence_to_heads", "ulysses_bytes"]
+
+
+class _AllToAll(torch.autograd.Function):
+    """x (cp, ...): chunk j goes to CP rank j; chunk i of the result came from CP rank i."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, cp: ContextParallel) -> Tensor:
+        ctx.cp = cp
+        out = torch.empty_like(x)
+        dist.all_to_all_single(out, x.contiguous(), group=cp.group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _AllToAll.apply(grad.contiguous(), ctx.cp), None
+
+
+def sequence_to_heads(x: Tensor, cp: ContextParallel) -> Tensor:
+    """(B, H, T_r, D) this rank's slice, all heads -> (B, H / cp, T, D) the whole sequence of
+    this rank's head group."""
+    b, h, t, d = x.shape
+    chunks = x.view(b, cp.size, h // cp.size, t, d).transpose(0, 1)  # (cp, B, H / cp, T_r, D): to rank j
+    got = _AllToAll.apply(chunks.contiguous(), cp)  # (cp, B, H / cp, T_r, D): slice i from rank i
+    return got.permute(1, 2, 0, 3, 4).reshape(b, h // cp.size, cp.size * t, d)
+
+
+def heads_to_sequence(x: Tensor, cp: ContextParallel) -> Tensor:
+    """The inverse: (B, H / cp, T, D) -> (B, H, T_r, D)."""
+    b, h, t, d = x.shape
+    chunks = x.view(b, h, cp.size, t // cp.size, d).permute(2, 0, 1, 3, 4)  # (cp, B, H / cp, T_r, D)
+    got = _AllToAll.apply(chunks.contiguous(), cp)  # (cp, B, H / cp, T_r, D): head group j from rank j
+    return got.transpose(0, 1).reshape(b, cp.size * h, t // cp.size, d)
+
+
+def gather_sequence(x: Tensor, cp: ContextParallel) -> Tensor:
+    """(B, T_r) per-token values of this rank's slice (no gradient: document starts) -> (B, T)."""
+    pieces = [torch.empty_like(x) for _ in range(cp.size)]
+    dist.all_gather(pieces, x.contiguous(), group=cp.group)
+    return torch.cat(pieces, dim=1)
+
+
+def ulysses_bytes(batch: int, seq_length: int, hidden: int, tp: int, cp: int, element_size: int = 2) -> int:
+    """Bytes one rank sends (and receives) in one layer's forward: q, k, v and o, each
+    (cp - 1) / cp of its (B, T / cp, d / tp) slice (the backward moves as much again)."""
+    return 4 * (cp - 1) * batch * (seq_length // cp) * (hidden // tp) // cp * element_size
