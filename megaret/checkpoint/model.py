@@ -138,15 +138,20 @@ class ModelOptimizer(Part):
                 f"({layout.get('precision')}), whose optimizer files cannot be converted: resume it with "
                 "the megaret that saved it (its weights still convert: python -m megaret.export)")
         moved = check_layout(directory, layout, self.here(), self.precision)  # refuses what cannot reshard
-        message = self._reshard(directory, layout)
+        message = self._reshard(directory, layout, separate=True)
         what = message if moved else f"converted {directory}"
         return f"{what}: its separate q/k/v/g projections fused into qkvg_proj"
 
-    def _reshard(self, directory: Path, layout: dict[str, Any]) -> str:
-        """Full fp32 weights and Adam moments rebuilt from the saved ZeRO shards, cut for this rank."""
+    def _reshard(self, directory: Path, layout: dict[str, Any], separate: bool = False) -> str:
+        """Full fp32 weights and Adam moments rebuilt from the saved ZeRO shards, cut for this rank;
+        `separate`: the checkpoint holds the separate projections of this model's fused weights."""
         ctx = self.ctx
         names = {stage.global_name(n) for stage in self.stages for n, _ in stage.named_parameters()}
-        state = fuse_state(training_state(directory, layout, separate_names(names, self.fused)), self.fused)
+        if separate:
+            saved = training_state(directory, layout, separate_names(names, self.fused))
+            state = fuse_state(saved, self.fused)
+        else:
+            state = training_state(directory, layout, names)
         if self.load_mode == "weights":  # the fp32 masters only: fresh Adam moments and step
             state.moments, state.step = {}, None
         if self.load_mode != "all":
