@@ -30,7 +30,7 @@ from megaret.ops.attention import (
     trim_cache,
 )
 from megaret.ops.attention_backend import masked_kernel
-from megaret.parallel.attention_cp import heads_to_sequence, sequence_to_heads
+from megaret.parallel.attention_cp import exchange_last_blocks, heads_to_sequence, sequence_to_heads
 from megaret.parallel.context import NO_CP, ContextParallel, TensorParallel
 
 GROWTH = 1.5  # capacity multiplier on reallocation: O(log N) copies for N appended tokens
@@ -367,6 +367,10 @@ class SelfAttention(nn.Module):
         """x: (T, B, d) at positions position.. -> ((T, B, d), the cache for the next call);
         doc: (B, T) document ids (0 continues the cache's document), or None."""
         q, k, v, scale = self.qkv(x, position)
+        if self.cp.size > 1 and self.window is not None:
+            o, new_cache = self._halo_attention(q, k, v, scale, cache, position, doc)
+            out, _ = self.out_proj(self.merge(o))  # (T, B, d), all-reduced over TP
+            return out, new_cache
         if self.cp.size > 1:  # Ulysses: the whole sequence of H / cp heads, attended as one process would
             position -= self.cp.rank * q.shape[2]  # the sequence's first position (this slice's was given)
             q, k, v = (sequence_to_heads(t, self.cp) for t in (q, k, v))  # (B, H / cp, T, D)
@@ -376,3 +380,21 @@ class SelfAttention(nn.Module):
             o = heads_to_sequence(o, self.cp)  # (B, H, T_r, D)
         out, _ = self.out_proj(self.merge(o))  # (T, B, d), all-reduced over TP
         return out, new_cache
+
+    def _halo_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
+                        cache: KVCache | None, position: int, doc: torch.Tensor | None
+                        ) -> tuple[torch.Tensor, KVCache]:
+        """Block-windowed attention of this CP rank's slice (whole blocks, position = its first):
+        its first block attends to the previous rank's last block (the halo; CP rank 0 to the
+        carried cache), exactly as one process's would (megaret/parallel/attention_cp.py). Returns
+        ((B, H, T_r, D), the last rank's last block: the cache the next call carries, on every rank).
+        doc: (B, T_r) this slice's document ids, 0 continuing the previous rank's last document."""
+        w = self.window
+        b, _, t, _ = k.shape
+        valid = (torch.ones(b, w, dtype=torch.bool, device=k.device) if doc is None
+                 else doc[:, -w:] == doc[:, -1:])  # (B, W): the keys of the document that goes on
+        halo, last, bind = exchange_last_blocks(k[:, :, -w:], v[:, :, -w:], valid, self.cp)
+        if self.cp.rank:
+            cache = KVCache(*halo)
+        o, _ = windowed_self_attention(q, k, v, cache, position, w, scale, doc=doc)  # (B, H, T_r, D)
+        return bind(o), KVCache(*last)

@@ -309,11 +309,24 @@ def _context_heads(c: Config) -> str | None:
             "megaret/parallel/attention_cp.py); use a context_parallel that divides the heads of a TP rank")
 
 
+def _context_blocks(c: Config) -> str | None:
+    cp, seq, block = c.parallel.context_parallel, c.data.seq_length, c.model.block_size
+    if cp == 1 or seq % cp or (seq // cp) % block == 0:
+        return None
+    return (f"data.seq_length={seq} over parallel.context_parallel={cp} gives slices of {seq / cp:g} tokens, "
+            f"not whole blocks of model.block_size={block}: under CP each rank attends to the previous "
+            f"rank's last block (the halo); set data.seq_length to a multiple of {cp * block} "
+            f"(e.g. {_next_multiple(seq, cp * block)})")
+
+
 _BLOCK_ALIGNED = Refusal(_block_aligned, ("data.seq_length=100", "model.block_size=16"))
 _CP_SPLIT = Refusal(_context_split,
                     ("data.seq_length=66", "model.chunk_size=2", "parallel.context_parallel=4"))
-# the attention archs run CP as Ulysses all-to-all: CP must divide each TP rank's heads
+# the causal Transformer runs CP as Ulysses all-to-all: CP must divide each TP rank's heads
 _CP_HEADS = Refusal(_context_heads, ("parallel.context_parallel=8",))
+# the sliding arch passes the previous rank's last block (a halo): slices of whole blocks
+_CP_BLOCKS = Refusal(_context_blocks,
+                     ("data.seq_length=96", "model.block_size=16", "parallel.context_parallel=4"))
 # BRT's recurrent layer runs sequentially across blocks, so CP would pass its state rank after rank
 # (no overlap): refused with that reason
 _CP_BRT = Refusal(_no_context_parallel(
@@ -366,7 +379,7 @@ SPECS: dict[str, ArchSpec] = {
         layers=lambda m, t: [attention_layer(m, t, m.block_size)] * m.num_layers,
         build_kwargs=lambda m: {"window": m.block_size},
         carried_span=lambda m: m.block_size,
-        refusals=(_BLOCK_ALIGNED, _CP_SPLIT, _CP_HEADS),
+        refusals=(_BLOCK_ALIGNED, _CP_SPLIT, _CP_BLOCKS),
         attention=("block_window",),
         identity_fields=(*_SHAPE, "block_size"),
     ),

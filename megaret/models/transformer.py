@@ -93,10 +93,11 @@ class Transformer(StagedLanguageModel):
 
     def layer_inputs(self, doc_start: torch.Tensor | None, retention_mode: str | None) -> tuple:
         """(doc,): (B, T) document ids, 0 continuing the carried history, each start opening the
-        next id (None without doc_start). Under context parallelism the ids are the whole
-        sequence's (the attention runs on it, megaret/parallel/attention_cp.py)."""
+        next id (None without doc_start). Under context parallelism the causal Transformer's ids
+        are the whole sequence's (Ulysses attends to it); the sliding arch's are its slice's, 0
+        continuing the previous rank's last document (its halo; megaret/parallel/attention_cp.py)."""
         if retention_mode is not None:
             raise ValueError(f"retention_mode={retention_mode!r} applies to model.arch=retnet only")
-        if doc_start is not None and self.cp.size > 1:
-            doc_start = gather_sequence(doc_start, self.cp)  # (B, T)
+        if doc_start is not None and self.cp.size > 1 and self.window is None:
+            doc_start = gather_sequence(doc_start, self.cp)  # (B, T): Ulysses attends the whole sequence
         return (None if doc_start is None else doc_start.long().cumsum(dim=1),)

@@ -17,9 +17,20 @@ stays head-sharded: the next call gives each CP rank the same heads again.
 
 The all-to-all is its own adjoint (chunk j goes to rank j and comes back from it), so the
 backward is the same exchange of the gradients.
+
+The sliding-window arch needs less: a query sees its own block and the previous one, so a rank
+whose slice holds whole blocks needs only the previous rank's last block (the halo).
+`exchange_last_blocks` is one all-gather of every rank's last block (keys, values and which of
+them belong to the document that goes on): rank r attends to rank r - 1's as if it were a carried
+cache, and every rank keeps the last rank's as the cache carried to the next call (stateful
+training), so all ranks return the same one. Its message is cp * 2 * B * H * W * D values per
+layer, independent of T; the backward all-reduces the gathered blocks' gradients (rank r + 1's
+reach rank r).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -27,7 +38,8 @@ from torch import Tensor
 
 from megaret.parallel.context import ContextParallel
 
-__all__ = ["gather_sequence", "heads_to_sequence", "sequence_to_heads", "ulysses_bytes"]
+__all__ = ["exchange_last_blocks", "gather_sequence", "heads_to_sequence", "sequence_to_heads",
+           "ulysses_bytes"]
 
 
 class _AllToAll(torch.autograd.Function):
@@ -60,6 +72,56 @@ def heads_to_sequence(x: Tensor, cp: ContextParallel) -> Tensor:
     chunks = x.view(b, h, cp.size, t // cp.size, d).permute(2, 0, 1, 3, 4)  # (cp, B, H / cp, T_r, D)
     got = _AllToAll.apply(chunks.contiguous(), cp)  # (cp, B, H / cp, T_r, D): head group j from rank j
     return got.transpose(0, 1).reshape(b, cp.size * h, t // cp.size, d)
+
+
+class _GatherBlocks(torch.autograd.Function):
+    """x (...) this rank's piece -> (cp, ...) every rank's, in rank order. The backward sums each
+    piece's gradient over the ranks that used it (one all-reduce) and keeps this rank's."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, cp: ContextParallel) -> Tensor:
+        ctx.cp = cp
+        rows = [torch.empty_like(x) for _ in range(cp.size)]
+        dist.all_gather(rows, x.contiguous(), group=cp.group)
+        return torch.stack(rows)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.cp.group)
+        return grad[ctx.cp.rank], None
+
+
+class _Bind(torch.autograd.Function):
+    """y unchanged, with an autograd edge to x (whose gradient from here is zero): x's backward,
+    a collective, then runs on every rank, also where y does not depend on x (CP rank 0)."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, x: Tensor) -> Tensor:
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, grad.new_zeros(ctx.x_shape, dtype=ctx.x_dtype)
+
+
+Block = tuple[Tensor, Tensor, Tensor]  # keys, values (B, H, W, D) and valid (B, W) bool
+
+
+def exchange_last_blocks(k: Tensor, v: Tensor, valid: Tensor, cp: ContextParallel
+                         ) -> tuple[Block | None, Block, Callable[[Tensor], Tensor]]:
+    """This rank's last block -> (rank - 1's, or None on rank 0; the last rank's; `bind`), through
+    one all-gather. k, v: (B, H, W, D) rotated keys and values; valid: (B, W), True for the keys
+    of the document that goes on past the block. Pass the attention's output through `bind`:
+    the exchange's backward is a collective every CP rank must join, also rank 0, whose output
+    does not depend on the halo."""
+    rows = _GatherBlocks.apply(torch.stack([k, v]), cp)  # (cp, 2, B, H, W, D)
+    valids = [torch.empty_like(valid, dtype=torch.uint8) for _ in range(cp.size)]
+    dist.all_gather(valids, valid.to(torch.uint8), group=cp.group)  # (B, W) each, no gradient
+    blocks = [(rows[r, 0], rows[r, 1], valids[r].bool()) for r in range(cp.size)]
+    last = (blocks[-1][0].detach(), blocks[-1][1].detach(), blocks[-1][2])
+    return (blocks[cp.rank - 1] if cp.rank else None), last, lambda y: _Bind.apply(y, rows)
 
 
 def gather_sequence(x: Tensor, cp: ContextParallel) -> Tensor:

@@ -3,11 +3,11 @@ context parallelism equal one process (logits, per-token loss and every paramete
 
 Arguments: [--fla] [--archs a,b] and layouts "cp,tp" (the world size must be a multiple of cp * tp).
 
-For each arch (default retnet; the Transformer and the sliding-window arch run Ulysses
-all-to-all attention), layout and case (plain; document starts inside slices and on a slice
-boundary; a carried state with document starts: RetNet a random one, the sliding arch the cache
-of a first call, the causal Transformer none: it carries no state in training) the same seed
-builds the same model; each CP rank runs
+For each arch (default retnet; the Transformer runs Ulysses all-to-all attention, the
+sliding-window arch the previous rank's last block as a halo), layout and case (plain; document
+starts inside slices and on a slice boundary; a carried state with document starts: RetNet a
+random one, the sliding arch the cache of a first call, the causal Transformer none: it carries no
+state in training) the same seed builds the same model; each CP rank runs
 its contiguous slice of the batch; logits and losses are gathered along T over CP, gradients
 summed over CP (as the trainer reduces them over DP x CP) and gathered over TP, then compared
 with a one-process run. With --fla the layouts run model.retention_kernel=fla (Triton's
@@ -79,13 +79,16 @@ def gather_heads(t: torch.Tensor, group, size: int) -> torch.Tensor:
 
 
 def final_state(arch: str, state, ctx) -> torch.Tensor:
-    """The sequence's final state, whole: RetNet's (the same on every CP rank, heads over TP); the
-    sliding arch's cached keys and values (heads over CP within a TP rank, Ulysses)."""
+    """The sequence's final state, whole (heads over TP): RetNet's, the same on every CP rank; the
+    sliding arch's cached keys and values of the last block (the last CP rank's, returned by every
+    rank), keys outside the last document zeroed."""
     if arch == "retnet":
         s = torch.cat([layer for layer in state.layers])
     else:
-        s = torch.cat([torch.cat([c.k, c.v], -1) for c in state.layers])
-        s = gather_heads(s, ctx.cp.group, ctx.cp.size)
+        s = torch.cat([torch.cat([c.k, c.v], -1) * c.valid[:, None, :, None] for c in state.layers])
+    pieces = [torch.empty_like(s) for _ in range(ctx.cp.size)]
+    dist.all_gather(pieces, s.detach().contiguous(), group=ctx.cp.group)
+    assert all(torch.equal(p, pieces[0]) for p in pieces), "CP ranks return different states"
     return gather_heads(s.detach(), ctx.tp.group, ctx.tp.size)
 
 
@@ -118,7 +121,7 @@ def run(cp: int, tp: int, case: str, kernel: str = "torch", mode: str | None = N
         kw["doc_start"] = data["doc_start"][:, lo:hi]
     if case == "state" and arch == "retnet":
         kw["state"] = carried(model, tp, ctx.tp.rank)
-    elif case == "state":  # the cache a first segment leaves (head-sharded over CP, as training carries it)
+    elif case == "state":  # the cache a first segment leaves (the last CP rank's, on every rank)
         first = torch.randint(V, (B, T), generator=torch.Generator().manual_seed(9))[:, lo:hi]
         with torch.no_grad():
             kw["state"] = model(first).state
