@@ -81,11 +81,14 @@ def gather_heads(t: torch.Tensor, group, size: int) -> torch.Tensor:
 def final_state(arch: str, state, ctx) -> torch.Tensor:
     """The sequence's final state, whole (heads over TP): RetNet's, the same on every CP rank; the
     sliding arch's cached keys and values of the last block (the last CP rank's, returned by every
-    rank), keys outside the last document zeroed."""
+    rank), keys outside the last document zeroed; the causal Transformer's whole-sequence cache
+    (heads over CP within a TP rank, Ulysses)."""
     if arch == "retnet":
         s = torch.cat([layer for layer in state.layers])
     else:
         s = torch.cat([torch.cat([c.k, c.v], -1) * c.valid[:, None, :, None] for c in state.layers])
+    if arch == "transformer":
+        return gather_heads(gather_heads(s, ctx.cp.group, ctx.cp.size), ctx.tp.group, ctx.tp.size)
     pieces = [torch.empty_like(s) for _ in range(ctx.cp.size)]
     dist.all_gather(pieces, s.detach().contiguous(), group=ctx.cp.group)
     assert all(torch.equal(p, pieces[0]) for p in pieces), "CP ranks return different states"
