@@ -61,7 +61,8 @@ def test_retnet_context_parallel_on_the_fla_kernel():
 def test_trainer_context_parallel_layouts_and_resume(tmp_path):
     results = _result(run_distributed("cp_train.py", 4, str(tmp_path)))
     assert set(results) == {"cp4", "cp2tp2", "cp2pp2", "cp2dp2", "transformer/cp2pp2", "transformer/cp2dp2",
-                            "resume_cp2_to_cp2", "resume_cp2_to_cp1", "resume_cp2_to_cp4"}
+                            "resume_cp2_to_cp2", "resume_cp2_to_cp1", "resume_cp2_to_cp4",
+                            "retnet/docs/cp2dp2", "sliding/docs/cp2dp2"}
     for key, r in results.items():
         assert r["loss_rel"] <= LOSS_TOL, (key, r)
         assert r["param_rel_norm"] <= PARAM_TOL, (key, r)

@@ -7,7 +7,10 @@ steps on the same global batches; step losses and final full parameters are comp
 CP=2 run that stops at its step-4 checkpoint resumes at CP=2, CP=1 and CP=4 (the model part
 reshards ZeRO's DP x CP shards; CP shards no weights, only the sequence) and each continuation
 is compared with the uninterrupted CP=2 run. The Transformer baseline (Ulysses attention) trains
-at CP=2 x PP=2 and CP=2 x DP=2 (ZeRO-1) against its own DP=4 run. Rank 0 prints one line
+at CP=2 x PP=2 and CP=2 x DP=2 (ZeRO-1) against its own DP=4 run. RetNet and the sliding-window
+arch (its halo) train on packed documents with data.reset_at_doc_boundaries (starts inside
+slices and on the slice boundary) at CP=2 x DP=2 against TP=2 x DP=2 (the same DP split of each
+batch; TP equals one process in tests/test_train_archs.py). Rank 0 prints one line
 `RESULT {json}`.
 """
 
@@ -16,9 +19,11 @@ from __future__ import annotations
 import gc
 import sys
 
+import torch
 from _common import compare, report_and_close  # tests/distributed/_common.py (the script's own folder)
 
 from megaret.config import load_config
+from megaret.train.batches import Batch
 from megaret.train.trainer import Trainer
 
 BASE = [
@@ -29,11 +34,38 @@ BASE = [
 ]
 
 
-def train(run_dir: str, overrides: list[str], stop_at: int | None = None, config: str = "configs/tiny.yaml"):
+class PackedDocs:
+    """Every step the same 4 samples of T=32 packed with documents (starts inside either CP=2
+    slice and on its boundary, 16); DP rank r gets its rows once `ctx` is set."""
+
+    LENGTHS = [(5, 14, 13), (16, 16), (1, 20, 11), (9, 7, 16)]
+
+    def __init__(self, vocab: int) -> None:
+        g = torch.Generator().manual_seed(7)
+        self.docs = [[torch.randint(vocab, (n + 1,), generator=g) for n in row] for row in self.LENGTHS]
+        self.ctx = None
+
+    def next_batch(self, step: int) -> Batch:
+        tokens = torch.stack([torch.cat([d[:-1] for d in row]) for row in self.docs])  # (4, 32)
+        labels = torch.stack([torch.cat([d[1:] for d in row]) for row in self.docs])
+        doc_start = torch.zeros(tokens.shape, dtype=torch.bool)
+        for b, row in enumerate(self.docs):
+            doc_start[b, torch.tensor([0] + [len(d) - 1 for d in row[:-1]]).cumsum(0)] = True
+        per = len(self.docs) // self.ctx.dp_size
+        rows = slice(self.ctx.dp_rank * per, (self.ctx.dp_rank + 1) * per)
+        return Batch(tokens[rows], labels[rows], torch.ones(tokens[rows].shape), doc_start=doc_start[rows])
+
+
+def train(run_dir: str, overrides: list[str], stop_at: int | None = None, config: str = "configs/tiny.yaml",
+          packed: bool = False):
     """Train (on from run.dir's last checkpoint, if any) to train.steps, or stop after step
-    `stop_at` (train_step saves the checkpoint of every checkpoint.interval)."""
+    `stop_at` (train_step saves the checkpoint of every checkpoint.interval); `packed`: on
+    PackedDocs."""
     cfg = load_config(config, [*BASE, f"run.dir={run_dir}", *overrides])
-    trainer = Trainer(cfg)
+    source = PackedDocs(cfg.model.vocab_size) if packed else None
+    trainer = Trainer(cfg, batches=source)
+    if source is not None:
+        source.ctx = trainer.ctx
     results = []
     while trainer.step < (stop_at or cfg.train.steps):
         results.append(trainer.train_step())
@@ -70,6 +102,14 @@ def main() -> None:
     for name in ("cp2pp2", "cp2dp2"):
         losses, params = train(f"{root}/transformer-{name}", layouts[name], config=transformer)
         report[f"transformer/{name}"] = compare(losses, params, ref_losses, ref_params)
+    for arch, config, extra in (("retnet", "configs/tiny.yaml", []),
+                                ("sliding", "configs/sliding-tiny.yaml", ["model.block_size=8"])):
+        docs = [*extra, "data.reset_at_doc_boundaries=true", "checkpoint.interval=1000"]
+        ref_losses, ref_params = train(f"{root}/{arch}-docs-tp2dp2", [*docs, "parallel.tensor=2"],
+                                       config=config, packed=True)
+        losses, params = train(f"{root}/{arch}-docs-cp2dp2", [*docs, "parallel.context_parallel=2"],
+                               config=config, packed=True)
+        report[f"{arch}/docs/cp2dp2"] = compare(losses, params, ref_losses, ref_params)
     report_and_close(report)
 
 
