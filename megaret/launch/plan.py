@@ -23,10 +23,11 @@ Memory model (bytes per GPU; Psi = parameters on this rank, after TP and PP spli
   set. Under 1F1B the ranks of pipeline stage i hold min(pp - i, micro-batches) micro-batches
   in flight. The last stage adds fp32 logits and their gradient (2 x 4 s b V / t). fp32
   training doubles the 16-bit figures. Under context parallelism (parallel.context_parallel = c)
-  a rank holds s / c tokens of each sequence, so every term above takes s / c for s (the
-  Ulysses attention's score matrices are H / c heads x s queries x the span: the same count).
-  The CP exchanges' buffers (RetNet: c states of H Dk Dv per layer; attention: one slice's q, k,
-  v, o) are transient and not counted. The RetNet's wider value path (value_factor) and
+  a rank holds s / c tokens of each sequence, so every term above takes s / c for s (the causal
+  Transformer's Ulysses score matrices are H / c heads x s queries x the span, the sliding arch's
+  s / c queries x its span over all H heads: the same count). The CP exchanges' buffers (RetNet:
+  c states of H Dk Dv per layer; Ulysses: one slice's q, k, v, o; the sliding arch's halo: c
+  blocks of keys and values) are transient and not counted. The RetNet's wider value path (value_factor) and
   framework buffers are not modelled: treat it as an estimate, good to tens of percent.
 - a layout fits when the estimate is at most USABLE_FRACTION of `launch.gpu_mem_gb`
   (the rest is left for the CUDA context, NCCL buffers and allocator fragmentation).

@@ -367,17 +367,16 @@ class SelfAttention(nn.Module):
         """x: (T, B, d) at positions position.. -> ((T, B, d), the cache for the next call);
         doc: (B, T) document ids (0 continues the cache's document), or None."""
         q, k, v, scale = self.qkv(x, position)
-        if self.cp.size > 1 and self.window is not None:
+        if self.cp.size > 1 and self.window is not None:  # the previous rank's last block (halo)
             o, new_cache = self._halo_attention(q, k, v, scale, cache, position, doc)
-            out, _ = self.out_proj(self.merge(o))  # (T, B, d), all-reduced over TP
-            return out, new_cache
-        if self.cp.size > 1:  # Ulysses: the whole sequence of H / cp heads, attended as one process would
+        elif self.cp.size > 1:  # Ulysses: the whole sequence of H / cp heads, attended as one process would
             position -= self.cp.rank * q.shape[2]  # the sequence's first position (this slice's was given)
             q, k, v = (sequence_to_heads(t, self.cp) for t in (q, k, v))  # (B, H / cp, T, D)
-        o, new_cache = windowed_self_attention(q, k, v, cache, position, self.window, scale,
-                                               doc=doc)  # (B, H, T, D)
-        if self.cp.size > 1:
+            o, new_cache = windowed_self_attention(q, k, v, cache, position, None, scale, doc=doc)
             o = heads_to_sequence(o, self.cp)  # (B, H, T_r, D)
+        else:
+            o, new_cache = windowed_self_attention(q, k, v, cache, position, self.window, scale,
+                                                   doc=doc)  # (B, H, T, D)
         out, _ = self.out_proj(self.merge(o))  # (T, B, d), all-reduced over TP
         return out, new_cache
 

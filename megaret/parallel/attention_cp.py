@@ -74,6 +74,13 @@ def heads_to_sequence(x: Tensor, cp: ContextParallel) -> Tensor:
     return got.transpose(0, 1).reshape(b, cp.size * h, t // cp.size, d)
 
 
+def _gather_rows(x: Tensor, cp: ContextParallel) -> Tensor:
+    """x (...) on every CP rank -> (cp, ...), row r from rank r (no gradient)."""
+    rows = [torch.empty_like(x) for _ in range(cp.size)]
+    dist.all_gather(rows, x.contiguous(), group=cp.group)
+    return torch.stack(rows)
+
+
 class _GatherBlocks(torch.autograd.Function):
     """x (...) this rank's piece -> (cp, ...) every rank's, in rank order. The backward sums each
     piece's gradient over the ranks that used it (one all-reduce) and keeps this rank's."""
@@ -81,9 +88,7 @@ class _GatherBlocks(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, cp: ContextParallel) -> Tensor:
         ctx.cp = cp
-        rows = [torch.empty_like(x) for _ in range(cp.size)]
-        dist.all_gather(rows, x.contiguous(), group=cp.group)
-        return torch.stack(rows)
+        return _gather_rows(x, cp)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -116,19 +121,19 @@ def exchange_last_blocks(k: Tensor, v: Tensor, valid: Tensor, cp: ContextParalle
     of the document that goes on past the block. Pass the attention's output through `bind`:
     the exchange's backward is a collective every CP rank must join, also rank 0, whose output
     does not depend on the halo."""
-    rows = _GatherBlocks.apply(torch.stack([k, v]), cp)  # (cp, 2, B, H, W, D)
-    valids = [torch.empty_like(valid, dtype=torch.uint8) for _ in range(cp.size)]
-    dist.all_gather(valids, valid.to(torch.uint8), group=cp.group)  # (B, W) each, no gradient
-    blocks = [(rows[r, 0], rows[r, 1], valids[r].bool()) for r in range(cp.size)]
+    b, h, w, d = k.shape
+    n = b * h * w * d
+    flat = torch.cat([k.reshape(-1), v.reshape(-1), valid.reshape(-1).to(k.dtype)])  # (2n + B*W,)
+    rows = _GatherBlocks.apply(flat, cp)  # (cp, 2n + B*W): valid rides along as 0/1, exact in any dtype
+    blocks = [(rows[r, :n].view(b, h, w, d), rows[r, n:2 * n].view(b, h, w, d),
+               rows[r, 2 * n:].detach().view(b, w).bool()) for r in range(cp.size)]
     last = (blocks[-1][0].detach(), blocks[-1][1].detach(), blocks[-1][2])
     return (blocks[cp.rank - 1] if cp.rank else None), last, lambda y: _Bind.apply(y, rows)
 
 
 def gather_sequence(x: Tensor, cp: ContextParallel) -> Tensor:
     """(B, T_r) per-token values of this rank's slice (no gradient: document starts) -> (B, T)."""
-    pieces = [torch.empty_like(x) for _ in range(cp.size)]
-    dist.all_gather(pieces, x.contiguous(), group=cp.group)
-    return torch.cat(pieces, dim=1)
+    return torch.cat(tuple(_gather_rows(x, cp)), dim=1)
 
 
 def ulysses_bytes(batch: int, seq_length: int, hidden: int, tp: int, cp: int, element_size: int = 2) -> int:

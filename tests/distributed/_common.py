@@ -1,5 +1,5 @@
 """What the launched parity scripts share: relative differences, run comparisons, the plain
-torch reference training loop, and reporting the result."""
+torch reference training loop, packed documents as a batch source, and reporting the result."""
 
 from __future__ import annotations
 
@@ -11,9 +11,36 @@ import torch.distributed as dist
 
 from megaret.models.spec import build_model
 from megaret.parallel.megatron_config import megatron_config
-from megaret.train.batches import SyntheticBatches
+from megaret.train.batches import Batch, SyntheticBatches
 from megaret.train.engine import _param_groups
 from megaret.train.schedule import learning_rate
+
+
+class PackedDocs:
+    """Every sample packs documents of fixed lengths (crossing chunk boundaries); doc_start marks
+    their first tokens; each document's labels are its own next tokens. Every step serves the same
+    rows: all of them, or this DP rank's share once `ctx` (the trainer's parallel context) is set."""
+
+    ANY = [(5, 14, 13), (16, 16), (1, 20, 11), (32,), (9, 7, 16), (3, 3, 26), (31, 1), (12, 12, 8)]
+    BLOCK_ALIGNED = [(8, 24), (16, 16), (8, 8, 16), (32,), (24, 8), (8, 8, 8, 8), (16, 8, 8), (32,)]  # W=8
+
+    def __init__(self, vocab: int, lengths: list[tuple[int, ...]]) -> None:
+        g = torch.Generator().manual_seed(7)
+        self.docs = [[torch.randint(vocab, (n + 1,), generator=g) for n in row] for row in lengths]
+        self.ctx = None
+
+    def next_batch(self, step: int) -> Batch:
+        tokens = torch.stack([torch.cat([d[:-1] for d in row]) for row in self.docs])  # (rows, T)
+        labels = torch.stack([torch.cat([d[1:] for d in row]) for row in self.docs])
+        doc_start = torch.zeros(tokens.shape, dtype=torch.bool)
+        for b, row in enumerate(self.docs):
+            starts = torch.tensor([0] + [len(d) - 1 for d in row[:-1]]).cumsum(0)
+            doc_start[b, starts] = True
+        rows = slice(None)
+        if self.ctx is not None:
+            per = len(self.docs) // self.ctx.dp_size
+            rows = slice(self.ctx.dp_rank * per, (self.ctx.dp_rank + 1) * per)
+        return Batch(tokens[rows], labels[rows], torch.ones(tokens[rows].shape), doc_start=doc_start[rows])
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

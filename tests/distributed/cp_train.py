@@ -19,11 +19,13 @@ from __future__ import annotations
 import gc
 import sys
 
-import torch
-from _common import compare, report_and_close  # tests/distributed/_common.py (the script's own folder)
+from _common import (  # tests/distributed/_common.py (the script's own folder)
+    PackedDocs,
+    compare,
+    report_and_close,
+)
 
 from megaret.config import load_config
-from megaret.train.batches import Batch
 from megaret.train.trainer import Trainer
 
 BASE = [
@@ -34,35 +36,17 @@ BASE = [
 ]
 
 
-class PackedDocs:
-    """Every step the same 4 samples of T=32 packed with documents (starts inside either CP=2
-    slice and on its boundary, 16); DP rank r gets its rows once `ctx` is set."""
-
-    LENGTHS = [(5, 14, 13), (16, 16), (1, 20, 11), (9, 7, 16)]
-
-    def __init__(self, vocab: int) -> None:
-        g = torch.Generator().manual_seed(7)
-        self.docs = [[torch.randint(vocab, (n + 1,), generator=g) for n in row] for row in self.LENGTHS]
-        self.ctx = None
-
-    def next_batch(self, step: int) -> Batch:
-        tokens = torch.stack([torch.cat([d[:-1] for d in row]) for row in self.docs])  # (4, 32)
-        labels = torch.stack([torch.cat([d[1:] for d in row]) for row in self.docs])
-        doc_start = torch.zeros(tokens.shape, dtype=torch.bool)
-        for b, row in enumerate(self.docs):
-            doc_start[b, torch.tensor([0] + [len(d) - 1 for d in row[:-1]]).cumsum(0)] = True
-        per = len(self.docs) // self.ctx.dp_size
-        rows = slice(self.ctx.dp_rank * per, (self.ctx.dp_rank + 1) * per)
-        return Batch(tokens[rows], labels[rows], torch.ones(tokens[rows].shape), doc_start=doc_start[rows])
+# 4 samples of T=32: document starts inside either CP=2 slice and on its boundary (16)
+DOC_LENGTHS = [(5, 14, 13), (16, 16), (1, 20, 11), (9, 7, 16)]
 
 
 def train(run_dir: str, overrides: list[str], stop_at: int | None = None, config: str = "configs/tiny.yaml",
           packed: bool = False):
     """Train (on from run.dir's last checkpoint, if any) to train.steps, or stop after step
     `stop_at` (train_step saves the checkpoint of every checkpoint.interval); `packed`: on
-    PackedDocs."""
+    PackedDocs of DOC_LENGTHS, this DP rank's rows."""
     cfg = load_config(config, [*BASE, f"run.dir={run_dir}", *overrides])
-    source = PackedDocs(cfg.model.vocab_size) if packed else None
+    source = PackedDocs(cfg.model.vocab_size, DOC_LENGTHS) if packed else None
     trainer = Trainer(cfg, batches=source)
     if source is not None:
         source.ctx = trainer.ctx

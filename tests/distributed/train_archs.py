@@ -17,6 +17,7 @@ import sys
 
 import torch
 from _common import (  # tests/distributed/_common.py (the script's own folder)
+    PackedDocs,
     compare,
     full_model,
     norm_rel,
@@ -26,7 +27,6 @@ from _common import (  # tests/distributed/_common.py (the script's own folder)
 )
 
 from megaret.config import load_config
-from megaret.train.batches import Batch
 from megaret.train.trainer import Trainer
 
 COMMON = [
@@ -56,27 +56,6 @@ def run_trainer(arch: str, overrides: list[str]):
     params = trainer.full_parameters()
     trainer.close()
     return trainer, [r.loss for r in results], params, init
-
-
-class PackedDocs:
-    """Every sample packs documents of fixed lengths (crossing chunk boundaries); doc_start marks
-    their first tokens; each document's labels are its own next tokens."""
-
-    ANY = [(5, 14, 13), (16, 16), (1, 20, 11), (32,), (9, 7, 16), (3, 3, 26), (31, 1), (12, 12, 8)]
-    BLOCK_ALIGNED = [(8, 24), (16, 16), (8, 8, 16), (32,), (24, 8), (8, 8, 8, 8), (16, 8, 8), (32,)]  # W=8
-
-    def __init__(self, vocab: int, lengths: list[tuple[int, ...]]) -> None:
-        g = torch.Generator().manual_seed(7)
-        self.docs = [[torch.randint(vocab, (n + 1,), generator=g) for n in row] for row in lengths]
-
-    def next_batch(self, step: int) -> Batch:
-        tokens = torch.stack([torch.cat([d[:-1] for d in row]) for row in self.docs])  # (8, 32)
-        labels = torch.stack([torch.cat([d[1:] for d in row]) for row in self.docs])
-        doc_start = torch.zeros(tokens.shape, dtype=torch.bool)
-        for b, row in enumerate(self.docs):
-            starts = torch.tensor([0] + [len(d) - 1 for d in row[:-1]]).cumsum(0)
-            doc_start[b, starts] = True
-        return Batch(tokens, labels, torch.ones(tokens.shape), doc_start=doc_start)
 
 
 DOC_RESET_ARCHS = {  # config, overrides, packed lengths (the windowed archs: block-aligned starts)
